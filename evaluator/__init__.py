@@ -1,0 +1,1 @@
+"""The evaluator service: scores models on the held-out test set."""

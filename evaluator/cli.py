@@ -1,0 +1,51 @@
+"""`jetfed evaluator`: load the test set, then serve Evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
+
+from jetfed import devices, serving
+from jetfed.data import format_counts, load_mnist, resolve_data_dir
+from jetfed.service_cli import run_service, service_parser
+from jetfed.scoring import Scorer
+from jetfed.training import DeviceData
+from jetfed.v1 import evaluator_pb2, evaluator_pb2_grpc
+from evaluator.service import EvaluatorService
+
+log = logging.getLogger("evaluator")
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = service_parser("jetfed evaluator", __doc__, default_port=8780)
+    parser.add_argument("--name", default="testing", help="this evaluator's name")
+    parser.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    devices.set_threads(args.threads)
+    device = devices.resolve_device(args.device)
+    data = load_mnist(resolve_data_dir(args.data_dir), "test", download=not args.no_download)
+    counts = data.label_counts()
+    print(f"MNIST test set on {args.name}: {format_counts(counts)}", flush=True)
+    label = devices.describe(device)
+    log.info("evaluator=%s device=%s model=%s", args.name, label, args.model)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    scorer = Scorer(args.model, DeviceData.from_images(data, device), label, executor, args.max_payload_bytes, args.batch_size)
+    service = EvaluatorService(args.name, scorer, counts, label)
+    name = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name
+    running = await serving.start_server(
+        [serving.Service(name, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server))],
+        args.host, args.port,
+    )
+    try:
+        await serving.serve_until_signal(running, args.grace)
+    finally:
+        executor.shutdown(wait=False)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_service(serve, parse_args(argv))

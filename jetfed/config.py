@@ -1,0 +1,48 @@
+"""The training recipe a coordinator sends each round, validated once wherever it is
+read, with errors that name the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jetfed.errors import InvalidConfig
+
+OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("nll",)
+MAX_BATCH_SIZE = 65536
+MAX_BATCHES = 1_000_000
+MAX_EPOCHS = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults are the reference recipe: SGD, lr 0.1, 10 batches of 32, one epoch."""
+
+    optimizer: str = "sgd"
+    loss: str = "nll"
+    lr: float = 0.1
+    momentum: float = 0.0
+    batch_size: int = 32
+    max_batches: int = 10
+    epochs: int = 1
+    seed: int = 0
+
+    def validated(self) -> "TrainConfig":
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidConfig(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise InvalidConfig(f"loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 100):
+            raise InvalidConfig(f"lr: {self.lr} must be a finite number in (0, 100]")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise InvalidConfig(f"momentum: {self.momentum} must be in [0, 1)")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise InvalidConfig(f"batch_size: {self.batch_size} must be in 1..{MAX_BATCH_SIZE}")
+        if not 0 <= self.max_batches <= MAX_BATCHES:
+            raise InvalidConfig(f"max_batches: {self.max_batches} must be in 0..{MAX_BATCHES} (0 = all)")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise InvalidConfig(f"epochs: {self.epochs} must be in 1..{MAX_EPOCHS}")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidConfig(f"seed: {self.seed} must be in 0..2**63-1")
+        return self

@@ -1,0 +1,148 @@
+"""MNIST from IDX files on the board's disk, and the label partitions that give each
+worker its private share.
+
+Files are found under the data directory itself or torchvision's `MNIST/raw/` layout,
+gzip-compressed or not. A download is tried only when the files are missing, and a
+failed one ends in an error that says how to supply them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import FrozenSet, List, Optional, Tuple
+
+import torch
+
+from jetfed.errors import DataNotFound, InvalidConfig
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "JETFED_DATA_DIR"
+NUM_CLASSES = 10
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: torch.uint8}
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Images as uint8 (N, 28, 28) and labels as int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def label_counts(self, num_classes: int = NUM_CLASSES) -> List[int]:
+        return [int(c) for c in torch.bincount(self.labels, minlength=num_classes)]
+
+    def subset(self, labels: FrozenSet[int]) -> "LabeledImages":
+        keep = torch.zeros(len(self), dtype=torch.bool)
+        for label in labels:
+            keep |= self.labels == label
+        return LabeledImages(self.images[keep], self.labels[keep])
+
+
+def resolve_data_dir(flag: Optional[str]) -> Path:
+    """The --data-dir flag wins, then $JETFED_DATA_DIR, then ./data."""
+    return Path(flag or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
+
+
+def parse_labels(spec: str, num_classes: int = NUM_CLASSES) -> FrozenSet[int]:
+    """`0-3`, `4,5,6`, `0-3,7` or `all`."""
+    if spec.strip() == "all":
+        return frozenset(range(num_classes))
+    labels = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                if low > high:
+                    raise ValueError
+                labels.update(range(low, high + 1))
+            else:
+                labels.add(int(part))
+        except ValueError:
+            raise InvalidConfig(f"labels: cannot read {part!r} in {spec!r}; use ranges and lists like 0-3 or 4,5,6") from None
+    out_of_range = sorted(x for x in labels if not 0 <= x < num_classes)
+    if out_of_range:
+        raise InvalidConfig(f"labels: {out_of_range} outside 0..{num_classes - 1}")
+    return frozenset(labels)
+
+
+def format_counts(counts: List[int]) -> str:
+    per_label = ", ".join(f"{label}: {count}" for label, count in enumerate(counts))
+    return f"{per_label}, total {sum(counts)}"
+
+
+def load_mnist(data_dir: Path, split: str, download: bool = True) -> LabeledImages:
+    images_stem, labels_stem = _FILES[split]
+    images_path = _find(data_dir, images_stem)
+    labels_path = _find(data_dir, labels_stem)
+    if images_path is None or labels_path is None:
+        if download:
+            _download(data_dir)
+            images_path = _find(data_dir, images_stem)
+            labels_path = _find(data_dir, labels_stem)
+        if images_path is None or labels_path is None:
+            raise DataNotFound(
+                f"MNIST {split} files not found in {data_dir} (looked for {images_stem}[.gz] and "
+                f"{labels_stem}[.gz] there and in {data_dir / 'MNIST' / 'raw'}), and "
+                f"{'the download failed' if download else 'downloading is off'}. Copy the four IDX "
+                f"files there, or point --data-dir or ${DATA_DIR_ENV} at a folder that holds them."
+            )
+    images = read_idx(images_path)
+    labels = read_idx(labels_path).long()
+    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise DataNotFound(
+            f"{images_path} and {labels_path} do not form an image set: shapes {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    return LabeledImages(images, labels)
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Parse an IDX file (the MNIST container): magic, dims, then raw big-endian data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataNotFound(f"{path}: not an IDX file (bad magic)")
+    dtype, ndim = raw[2], raw[3]
+    if dtype not in _IDX_DTYPES:
+        raise DataNotFound(f"{path}: IDX element type 0x{dtype:02x} is not supported")
+    header = 4 + 4 * ndim
+    shape: Tuple[int, ...] = struct.unpack(f">{ndim}I", raw[4:header])
+    count = 1
+    for dim in shape:
+        count *= dim
+    if len(raw) - header != count:
+        raise DataNotFound(f"{path}: holds {len(raw) - header} bytes of data, its header promises {count}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _find(data_dir: Path, stem: str) -> Optional[Path]:
+    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _download(data_dir: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    log.info("MNIST not found in %s; trying torchvision's download", data_dir)
+    try:
+        MNIST(str(data_dir), train=True, download=True)
+        MNIST(str(data_dir), train=False, download=True)
+    except Exception as exc:  # torchvision raises whatever urllib raised
+        log.warning("MNIST download failed: %s", exc)

@@ -1,0 +1,58 @@
+"""Typed failures, raised where the fault is found and turned into a gRPC status at
+the service border (each class carries the status it maps to)."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class JetfedError(Exception):
+    """Base of every error jetfed raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidConfig(JetfedError):
+    """A configuration field is out of range; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnknownModel(InvalidConfig):
+    """A model name that the registry does not hold."""
+
+
+class BadStream(JetfedError):
+    """A message stream that breaks the protocol (no header, chunk out of order...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class CorruptPayload(JetfedError):
+    """Weight bytes that do not match their manifest (size, checksum, format)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class PayloadTooLarge(JetfedError):
+    """A weight stream larger than the receiver accepts."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ManifestMismatch(JetfedError):
+    """Weights whose names, dtypes or shapes differ from the model being served."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NonFiniteWeights(JetfedError):
+    """Weights holding NaN or Inf; loading them would poison every later round."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DataNotFound(JetfedError):
+    """The data set is not on disk and could not be downloaded."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

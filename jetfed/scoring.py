@@ -1,0 +1,64 @@
+"""The Evaluate RPC's behaviour, shared by the worker (its own data) and the evaluator
+(the test set): receive weights, prove them, score them off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from typing import Any, AsyncIterator
+
+from jetfed import codec, wire
+from jetfed.errors import InvalidConfig
+from jetfed.models import NUM_CLASSES, build_model
+from jetfed.training import DeviceData, Evaluation, evaluate
+from jetfed.v1 import evaluation_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_EVAL_BATCH = 65536
+
+
+class Scorer:
+    """Owns one model instance on the device; evaluations queue on its lock because a
+    model can hold only one set of weights at a time."""
+
+    def __init__(
+        self, model_name: str, data: DeviceData, device_label: str, executor: Executor,
+        max_payload_bytes: int, batch_size: int = 1000,
+    ) -> None:
+        self.model_name = model_name
+        self._model = build_model(model_name).to(data.labels.device)
+        self._spec = codec.spec_of(self._model.state_dict())
+        self._data = data
+        self._device_label = device_label
+        self._executor = executor
+        self._max_payload_bytes = max_payload_bytes
+        self._batch_size = batch_size
+        self._lock = asyncio.Lock()
+
+    async def score(self, requests: AsyncIterator[Any]) -> evaluation_pb2.EvaluateResponse:
+        head, payload = await wire.read_weight_stream(requests, "header", self._max_payload_bytes)
+        manifest = wire.manifest_from_proto(head.manifest)
+        codec.check_manifest(manifest, self.model_name, self._spec)
+        state = codec.decode(manifest, payload)
+        codec.require_finite(state)
+        batch_size = head.batch_size or self._batch_size
+        if batch_size > MAX_EVAL_BATCH:
+            raise InvalidConfig(f"batch_size: {batch_size} exceeds {MAX_EVAL_BATCH}")
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            result: Evaluation = await loop.run_in_executor(self._executor, self._run, state, batch_size)
+        log.info(
+            "evaluate tag=%s correct=%d/%d loss=%.4f seconds=%.2f",
+            head.tag or "-", result.correct, result.total, result.loss, result.seconds,
+        )
+        return evaluation_pb2.EvaluateResponse(
+            correct=result.correct, total=result.total, loss=result.loss,
+            predicted_counts=result.predicted_counts, confusion=result.confusion,
+            num_classes=result.num_classes, seconds=result.seconds, device=self._device_label,
+        )
+
+    def _run(self, state: codec.StateDict, batch_size: int) -> Evaluation:
+        self._model.load_state_dict(state)
+        return evaluate(self._model, self._data, batch_size, NUM_CLASSES)

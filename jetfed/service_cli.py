@@ -1,0 +1,42 @@
+"""Flags and the process entry shared by the services that hold data (worker and
+evaluator), so both read and fail the same way."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from jetfed import logs, stream
+from jetfed.errors import JetfedError
+from jetfed.models import DEFAULT_MODEL, model_names
+
+
+def service_parser(prog: str, description: str, default_port: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=default_port, help=f"port to bind (default {default_port}); 0 picks a free one")
+    parser.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $JETFED_DATA_DIR, else ./data)")
+    parser.add_argument("--no-download", action="store_true", help="never try torchvision's download")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=model_names())
+    parser.add_argument("--threads", type=int, help="torch CPU threads (give co-located services a fair share)")
+    parser.add_argument(
+        "--max-payload-bytes", type=int, default=stream.DEFAULT_MAX_PAYLOAD_BYTES,
+        help="largest weight stream accepted",
+    )
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds RPCs in flight get on shutdown")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> int:
+    """Run until a signal stops the service; a start-up fault exits 2 with one clear line."""
+    logs.configure(args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except JetfedError as exc:
+        logging.getLogger(serve.__module__).error("%s", exc)
+        return 2
+    return 0

@@ -1,0 +1,86 @@
+"""The transport scaffold every service shares: an aio server with health and
+reflection, built apart from running it (so a test can bind port 0), and a run loop
+that turns SIGTERM/SIGINT into a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from jetfed.stream import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+# Headroom over the largest chunk plus its envelope.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass
+class Service:
+    """One gRPC service to host: its full name and how to add it to a server."""
+
+    name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    services: List[str]
+
+    async def mark_serving(self) -> None:
+        for name in ["", *self.services]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(services: Iterable[Service], host: str, port: int) -> RunningServer:
+    """Start a server hosting `services`, health and reflection; `port=0` picks a free port."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    services = list(services)
+    for service in services:
+        service.add_to_server(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [s.name for s in services]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    running = RunningServer(server, bound, health, names)
+    await running.mark_serving()
+    log.info("listening on %s:%d services=%s", host, bound, ",".join(names))
+    return running
+
+
+async def serve_until_signal(running: RunningServer, grace: float, stop: Optional[asyncio.Event] = None) -> None:
+    """Serve until SIGTERM or SIGINT (or `stop` is set); health turns NOT_SERVING first so
+    balancers and the coordinator stop sending, then RPCs in flight get `grace` seconds."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: grace=%.1fs", grace)
+    await running.stop(grace)
+    log.info("stopped")

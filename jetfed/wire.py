@@ -1,0 +1,109 @@
+"""The one border between protobuf messages and plain Python objects, plus the
+header-then-chunks stream discipline shared by every weight-carrying RPC."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Callable, Iterator, Tuple, TypeVar
+
+from jetfed import stream
+from jetfed.codec import Manifest, TensorInfo
+from jetfed.config import TrainConfig
+from jetfed.errors import BadStream
+from jetfed.v1 import training_pb2, weights_pb2
+
+M = TypeVar("M")
+
+_OPTIMIZERS = {"sgd": training_pb2.OPTIMIZER_SGD, "adam": training_pb2.OPTIMIZER_ADAM}
+_LOSSES = {"nll": training_pb2.LOSS_NLL}
+
+
+def manifest_to_proto(manifest: Manifest) -> weights_pb2.WeightManifest:
+    return weights_pb2.WeightManifest(
+        model=manifest.model,
+        format=manifest.format,
+        tensors=[
+            weights_pb2.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape))
+            for t in manifest.tensors
+        ],
+        total_bytes=manifest.total_bytes,
+        sha256=manifest.sha256,
+    )
+
+
+def manifest_from_proto(message: weights_pb2.WeightManifest) -> Manifest:
+    return Manifest(
+        model=message.model,
+        format=message.format,
+        tensors=tuple(
+            sorted(
+                (TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in message.tensors),
+                key=lambda t: t.name,
+            )
+        ),
+        total_bytes=message.total_bytes,
+        sha256=message.sha256,
+    )
+
+
+def config_to_proto(config: TrainConfig) -> training_pb2.TrainConfig:
+    return training_pb2.TrainConfig(
+        optimizer=_OPTIMIZERS[config.optimizer],
+        loss=_LOSSES[config.loss],
+        lr=config.lr,
+        momentum=config.momentum,
+        batch_size=config.batch_size,
+        max_batches=config.max_batches,
+        epochs=config.epochs,
+        seed=config.seed,
+    )
+
+
+def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
+    """Decode and validate; unknown enum values fail with the field's name."""
+    optimizer = {v: k for k, v in _OPTIMIZERS.items()}.get(message.optimizer)
+    loss = {v: k for k, v in _LOSSES.items()}.get(message.loss)
+    return TrainConfig(
+        optimizer=optimizer if optimizer else f"<enum {message.optimizer}>",
+        loss=loss if loss else f"<enum {message.loss}>",
+        lr=message.lr,
+        momentum=message.momentum,
+        batch_size=message.batch_size,
+        max_batches=message.max_batches,
+        epochs=message.epochs,
+        seed=message.seed,
+    ).validated()
+
+
+def weight_messages(
+    head: M, payload: bytes, chunk_bytes: int, wrap_chunk: Callable[[weights_pb2.WeightChunk], M]
+) -> Iterator[M]:
+    """The header message, then the payload as ordered chunks."""
+    yield head
+    for offset, data in stream.split(payload, chunk_bytes):
+        yield wrap_chunk(weights_pb2.WeightChunk(offset=offset, data=data))
+
+
+async def read_weight_stream(
+    messages: AsyncIterator[Any], head_field: str, max_bytes: int
+) -> Tuple[Any, bytes]:
+    """Read a header-then-chunks stream; returns the header and the assembled payload.
+
+    The header's `manifest.total_bytes` is checked against `max_bytes` before any chunk
+    is buffered, so an oversized stream costs the receiver nothing.
+    """
+    head = None
+    assembler = None
+    async for message in messages:
+        kind = message.WhichOneof("kind")
+        if head is None:
+            if kind != head_field:
+                raise BadStream(f"{head_field}: the first message must carry the {head_field}, got {kind}")
+            head = getattr(message, head_field)
+            assembler = stream.PayloadAssembler(head.manifest.total_bytes, max_bytes)
+        elif kind == "chunk":
+            assembler.add(message.chunk.offset, message.chunk.data)
+        else:
+            raise BadStream(f"{kind}: only chunks may follow the {head_field}")
+    if head is None or assembler is None:
+        raise BadStream(f"{head_field}: the stream ended before the {head_field}")
+    return head, assembler.finish()

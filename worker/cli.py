@@ -1,0 +1,55 @@
+"""`jetfed worker`: load this board's partition, then serve Train and Evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
+
+from jetfed import devices, serving, stream
+from jetfed.data import format_counts, load_mnist, parse_labels, resolve_data_dir
+from jetfed.service_cli import run_service, service_parser
+from jetfed.training import DeviceData
+from jetfed.v1 import worker_pb2, worker_pb2_grpc
+from worker.service import WorkerService
+
+log = logging.getLogger("worker")
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = service_parser("jetfed worker", __doc__, default_port=8777)
+    parser.add_argument("--name", required=True, help="this worker's name, e.g. alice")
+    parser.add_argument("--labels", default="all", help="labels this worker holds: 0-3, 4,5,6 or all")
+    parser.add_argument("--chunk-bytes", type=int, default=stream.DEFAULT_CHUNK_BYTES, help="size of streamed weight chunks")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    devices.set_threads(args.threads)
+    device = devices.resolve_device(args.device)
+    stream.check_chunk_size(args.chunk_bytes)
+    labels = parse_labels(args.labels)
+    data = load_mnist(resolve_data_dir(args.data_dir), "train", download=not args.no_download).subset(labels)
+    counts = data.label_counts()
+    print(f"MNIST train set on {args.name}: {format_counts(counts)}", flush=True)
+    label = devices.describe(device)
+    log.info("worker=%s device=%s model=%s", args.name, label, args.model)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    service = WorkerService(
+        args.name, args.model, DeviceData.from_images(data, device), counts, label, executor,
+        args.chunk_bytes, args.max_payload_bytes,
+    )
+    name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+    running = await serving.start_server(
+        [serving.Service(name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],
+        args.host, args.port,
+    )
+    try:
+        await serving.serve_until_signal(running, args.grace)
+    finally:
+        executor.shutdown(wait=False)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_service(serve, parse_args(argv))
