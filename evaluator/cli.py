@@ -21,7 +21,7 @@ log = logging.getLogger("evaluator")
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = service_parser("jetfed evaluator", __doc__, default_port=8780)
     parser.add_argument("--name", default="testing", help="this evaluator's name")
-    parser.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
     return parser.parse_args(argv)
 
 
@@ -35,6 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("evaluator=%s device=%s model=%s", args.name, label, args.model)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     scorer = Scorer(args.model, DeviceData.from_images(data, device), label, executor, args.max_payload_bytes, args.batch_size)
+    scorer.warm_up()
     service = EvaluatorService(args.name, scorer, counts, label)
     name = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name
     running = await serving.start_server(

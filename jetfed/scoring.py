@@ -25,7 +25,7 @@ class Scorer:
 
     def __init__(
         self, model_name: str, data: DeviceData, device_label: str, executor: Executor,
-        max_payload_bytes: int, batch_size: int = 1000,
+        max_payload_bytes: int, batch_size: int = 500,
     ) -> None:
         self.model_name = model_name
         self._model = build_model(model_name).to(data.labels.device)
@@ -58,6 +58,9 @@ class Scorer:
             predicted_counts=result.predicted_counts, confusion=result.confusion,
             num_classes=result.num_classes, seconds=result.seconds, device=self._device_label,
         )
+
+    def warm_up(self) -> None:
+        evaluate(self._model, self._data, self._batch_size, NUM_CLASSES, limit=self._batch_size)
 
     def _run(self, state: codec.StateDict, batch_size: int) -> Evaluation:
         self._model.load_state_dict(state)

@@ -7,7 +7,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -97,22 +97,25 @@ def train_round(model: nn.Module, data: DeviceData, config: TrainConfig, seed: i
     return TrainOutcome(model.state_dict(), examples, mean_loss, time.perf_counter() - started)
 
 
-def evaluate(model: nn.Module, data: DeviceData, batch_size: int, num_classes: int) -> Evaluation:
+def evaluate(
+    model: nn.Module, data: DeviceData, batch_size: int, num_classes: int, limit: Optional[int] = None
+) -> Evaluation:
+    """Score the first `limit` examples (all by default)."""
     started = time.perf_counter()
+    total = len(data) if limit is None else min(limit, len(data))
     model.eval()
     device = data.labels.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            inputs = data.inputs[start:start + batch_size]
-            labels = data.labels[start:start + batch_size]
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            inputs, labels = data.inputs[start:stop], data.labels[start:stop]
             output = model(inputs)
             loss_sum += F.nll_loss(output, labels, reduction="sum").double()
             predicted = output.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
     matrix = confusion.view(num_classes, num_classes).cpu()
-    total = len(data)
     return Evaluation(
         correct=int(matrix.diagonal().sum()),
         total=total,

@@ -40,6 +40,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.name, args.model, DeviceData.from_images(data, device), counts, label, executor,
         args.chunk_bytes, args.max_payload_bytes,
     )
+    service.warm_up()
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
     running = await serving.start_server(
         [serving.Service(name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],

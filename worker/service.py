@@ -10,6 +10,7 @@ from typing import AsyncIterator
 import grpc
 
 from jetfed import codec, wire
+from jetfed.config import TrainConfig
 from jetfed.info import service_info
 from jetfed.models import build_model
 from jetfed.scoring import Scorer
@@ -93,6 +94,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         async with rpc_status(context, "Evaluate"):
             return await self._scorer.score(request_iterator)
 
-    def _train(self, state: codec.StateDict, config, seed: int) -> TrainOutcome:
+    def warm_up(self) -> None:
+        """Pay torch's first-call costs (kernel selection, allocator growth) at start-up,
+        not in round 1; the weights are overwritten by the first Train anyway."""
+        train_round(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
+        self._scorer.warm_up()
+
+    def _train(self, state: codec.StateDict, config: TrainConfig, seed: int) -> TrainOutcome:
         self._model.load_state_dict(state)
         return train_round(self._model, self._data, config, seed)

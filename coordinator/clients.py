@@ -1,0 +1,130 @@
+"""Typed clients for the worker and evaluator services; protobuf stops here and the
+round loop sees plain objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import grpc
+
+from jetfed import codec, wire
+from jetfed.codec import Manifest, StateDict, TensorInfo
+from jetfed.config import TrainConfig
+from jetfed.serving import CHANNEL_OPTIONS
+from jetfed.v1 import (
+    evaluation_pb2,
+    evaluator_pb2_grpc,
+    info_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A state_dict with its serialized form, so a model is encoded once and can be sent
+    to many peers (and a worker's update re-sent to the evaluator) as it arrived."""
+
+    manifest: Manifest
+    payload: bytes
+    state: StateDict
+
+    @classmethod
+    def of(cls, state: StateDict, model: str) -> "Weights":
+        manifest, payload = codec.encode(state, model)
+        return cls(manifest, payload, state)
+
+
+@dataclass(frozen=True)
+class Update:
+    worker: str
+    weights: Weights
+    num_examples: int
+    mean_loss: float
+    train_seconds: float
+    device: str
+
+
+@dataclass(frozen=True)
+class Score:
+    correct: int
+    total: int
+    loss: float
+    predicted_counts: Tuple[int, ...]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def _score(response: evaluation_pb2.EvaluateResponse) -> Score:
+    return Score(response.correct, response.total, response.loss, tuple(response.predicted_counts))
+
+
+def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int):
+    head = evaluation_pb2.EvaluateRequest(
+        header=evaluation_pb2.EvaluateHeader(tag=tag, manifest=wire.manifest_to_proto(weights.manifest))
+    )
+    return wire.weight_messages(head, weights.payload, chunk_bytes, lambda c: evaluation_pb2.EvaluateRequest(chunk=c))
+
+
+class WorkerClient:
+    def __init__(
+        self, name: str, address: str, model: str, spec: Tuple[TensorInfo, ...],
+        chunk_bytes: int, max_payload_bytes: int,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self._model = model
+        self._spec = spec
+        self._chunk_bytes = chunk_bytes
+        self._max_payload_bytes = max_payload_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
+        """Waits for the worker to come up, within `timeout`."""
+        return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
+
+    async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
+        head = worker_pb2.TrainRequest(
+            header=worker_pb2.TrainHeader(
+                round=round_number, config=wire.config_to_proto(config),
+                manifest=wire.manifest_to_proto(weights.manifest),
+            )
+        )
+        call = self._stub.Train(
+            wire.weight_messages(head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c)),
+            timeout=timeout,
+        )
+        result, payload = await wire.read_weight_stream(call, "result", self._max_payload_bytes)
+        manifest = wire.manifest_from_proto(result.manifest)
+        codec.check_manifest(manifest, self._model, self._spec)
+        state = codec.decode(manifest, payload)
+        codec.require_finite(state, who=self.name)
+        return Update(
+            worker=self.name, weights=Weights(manifest, payload, state), num_examples=result.num_examples,
+            mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class EvaluatorClient:
+    def __init__(self, address: str, chunk_bytes: int) -> None:
+        self.address = address
+        self._chunk_bytes = chunk_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = evaluator_pb2_grpc.EvaluatorStub(self._channel)
+
+    async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
+        return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
+
+    async def evaluate(self, tag: str, weights: Weights, timeout: float) -> Score:
+        response = await self._stub.Evaluate(_evaluate_messages(tag, weights, self._chunk_bytes), timeout=timeout)
+        return _score(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
