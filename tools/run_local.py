@@ -131,13 +131,22 @@ async def main_async(args: argparse.Namespace, extra: List[str]) -> int:
         await fleet.stop()
 
 
+async def run_interruptible(args: argparse.Namespace, extra: List[str]) -> int:
+    """Ctrl-C or SIGTERM cancels the run; main_async's cleanup then stops the fleet."""
+    task = asyncio.ensure_future(main_async(args, extra))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        print("run-local: interrupted; every service stopped", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return asyncio.run(main_async(args, extra))
-    except KeyboardInterrupt:
-        print("run-local: interrupted; services stopped", file=sys.stderr)
-        return 130
+    return asyncio.run(run_interruptible(args, extra))
 
 
 if __name__ == "__main__":

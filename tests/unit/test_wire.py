@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from jetfed import wire
+from jetfed.codec import encode
+from jetfed.config import TrainConfig
+from jetfed.errors import BadStream, CorruptPayload, InvalidConfig, PayloadTooLarge
+from jetfed.v1 import training_pb2, weights_pb2, worker_pb2
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(),
+        TrainConfig(optimizer="adam", lr=0.00125, momentum=0.5, batch_size=64, max_batches=0, epochs=3, seed=2**40),
+    ],
+)
+def test_config_round_trip(config):
+    assert wire.config_from_proto(wire.config_to_proto(config)) == config
+
+
+def test_config_enums_travel_as_enums():
+    message = wire.config_to_proto(TrainConfig(optimizer="adam"))
+    assert message.optimizer == training_pb2.OPTIMIZER_ADAM
+    assert message.loss == training_pb2.LOSS_NLL
+
+
+@pytest.mark.parametrize("field", ["optimizer", "loss"])
+@pytest.mark.parametrize("value", [0, 99])
+def test_unknown_enum_is_named(field, value):
+    message = wire.config_to_proto(TrainConfig())
+    setattr(message, field, value)
+    with pytest.raises(InvalidConfig, match=rf"^{field}: '<enum {value}>'"):
+        wire.config_from_proto(message)
+
+
+def test_out_of_range_field_from_the_wire_is_refused():
+    message = wire.config_to_proto(TrainConfig())
+    message.batch_size = 0
+    with pytest.raises(InvalidConfig, match="^batch_size: "):
+        wire.config_from_proto(message)
+
+
+def sample_manifest_and_payload(size=10):
+    state = {"b": torch.zeros(size), "a": torch.ones(2, 3, dtype=torch.float64), "n": torch.tensor(3)}
+    return encode(state, "mnist-cnn")
+
+
+def test_manifest_round_trip():
+    manifest, _ = sample_manifest_and_payload()
+    message = wire.manifest_to_proto(manifest)
+    assert isinstance(message, weights_pb2.WeightManifest)
+    assert list(message.tensors[0].shape) == [2, 3]
+    assert wire.manifest_from_proto(message) == manifest
+
+
+def test_manifest_from_proto_sorts_tensors():
+    manifest, _ = sample_manifest_and_payload()
+    message = wire.manifest_to_proto(manifest)
+    reversed_specs = list(reversed(message.tensors))
+    del message.tensors[:]
+    message.tensors.extend(reversed_specs)
+    assert wire.manifest_from_proto(message) == manifest
+
+
+def train_messages(payload, manifest, chunk_bytes):
+    head = worker_pb2.TrainRequest(
+        header=worker_pb2.TrainHeader(round=3, manifest=wire.manifest_to_proto(manifest))
+    )
+    return list(wire.weight_messages(head, payload, chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c)))
+
+
+def read(messages, max_bytes=1 << 20):
+    async def source():
+        for message in messages:
+            yield message
+
+    return asyncio.run(wire.read_weight_stream(source(), "header", max_bytes))
+
+
+def test_read_weight_stream_happy_path():
+    manifest, payload = sample_manifest_and_payload(size=100)
+    messages = train_messages(payload, manifest, chunk_bytes=64)
+    assert len(messages) == 1 + -(-len(payload) // 64)
+    head, received = read(messages)
+    assert head.round == 3
+    assert wire.manifest_from_proto(head.manifest) == manifest
+    assert received == payload
+
+
+def test_first_message_must_be_the_header():
+    manifest, payload = sample_manifest_and_payload()
+    messages = train_messages(payload, manifest, chunk_bytes=64)
+    with pytest.raises(BadStream, match="first message must carry the header, got chunk"):
+        read(messages[1:])
+
+
+def test_header_twice_is_a_bad_stream():
+    manifest, payload = sample_manifest_and_payload()
+    messages = train_messages(payload, manifest, chunk_bytes=64)
+    with pytest.raises(BadStream, match="only chunks may follow"):
+        read([messages[0], messages[1], messages[0]] + messages[2:])
+
+
+def test_empty_stream_is_a_bad_stream():
+    with pytest.raises(BadStream, match="ended before the header"):
+        read([])
+
+
+def test_chunks_swapped_are_a_bad_stream():
+    manifest, payload = sample_manifest_and_payload()
+    head, first, second, *rest = train_messages(payload, manifest, chunk_bytes=64)
+    with pytest.raises(BadStream, match="out of order"):
+        read([head, second, first] + rest)
+
+
+def test_stream_cut_short_is_corrupt():
+    manifest, payload = sample_manifest_and_payload()
+    messages = train_messages(payload, manifest, chunk_bytes=64)
+    with pytest.raises(CorruptPayload, match="stream ended after"):
+        read(messages[:-1])
+
+
+def test_oversized_header_is_refused_before_chunks():
+    manifest, payload = sample_manifest_and_payload()
+    messages = train_messages(payload, manifest, chunk_bytes=64)
+    with pytest.raises(PayloadTooLarge):
+        read(messages[:1], max_bytes=len(payload) - 1)
