@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from coordinator.federation import run
+from coordinator.federation import RunSummary, run
 from coordinator.settings import WEIGHTINGS, RunSettings
 from jetfed import logs, stream
 from jetfed.config import OPTIMIZERS, TrainConfig
@@ -75,17 +76,27 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
     ).validated()
 
 
+async def run_until_signal(settings: RunSettings) -> RunSummary:
+    """SIGINT or SIGTERM cancels the run between awaits: metrics written so far stay,
+    channels close, and the process exits non-zero instead of dying mid-write."""
+    task = asyncio.ensure_future(run(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level)
     try:
         settings = settings_from(args)
-        summary = asyncio.run(run(settings))
+        summary = asyncio.run(run_until_signal(settings))
     except JetfedError as exc:
         log.error("%s", exc)
         return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except asyncio.CancelledError:
+        log.error("stopped by a signal before the run finished")
         return 130
     rounds = summary.train_seconds + summary.eval_seconds
     print(

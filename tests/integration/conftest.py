@@ -32,6 +32,6 @@ def fleet(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             wait_serving(process, deadline)
         yield Fleet(workers, evaluator)
     finally:
-        codes = {process.name: stop(process) for process in started}
+        codes = stop(started)
     unclean = [f"{p.name} exited {codes[p.name]}:\n{p.output()}" for p in started if codes[p.name] != 0]
     assert not unclean, "unclean shutdown: " + "\n".join(unclean)

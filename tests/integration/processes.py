@@ -80,14 +80,18 @@ def wait_serving(process: Process, deadline: float) -> None:
             return
 
 
-def stop(process: Process) -> object:
-    """SIGTERM, then the exit status, or "killed" when it ignored the signal."""
-    if process.popen.poll() is not None:
-        return process.popen.returncode
-    process.popen.send_signal(signal.SIGTERM)
-    try:
-        return process.popen.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.popen.kill()
-        process.popen.wait()
-        return f"killed after ignoring SIGTERM for {STOP_TIMEOUT_S:.0f}s"
+def stop(processes: List[Process]) -> Dict[str, object]:
+    """SIGTERM to all, then each exit status, or "killed" when one ignored the signal."""
+    for process in processes:
+        if process.popen.poll() is None:
+            process.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    codes: Dict[str, object] = {}
+    for process in processes:
+        try:
+            codes[process.name] = process.popen.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait()
+            codes[process.name] = f"killed after ignoring SIGTERM for {STOP_TIMEOUT_S:.0f}s"
+    return codes

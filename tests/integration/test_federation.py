@@ -56,7 +56,7 @@ def federation(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> tuple:
 def test_global_accuracy_rises(federation: tuple) -> None:
     summary, _, records = federation
     accuracy = [r["evaluation"]["global"]["accuracy"] for r in records]
-    print("global accuracy per round:", accuracy)
+    print("global accuracy per round:", accuracy, summary)
     assert accuracy[-1] > 0.3, accuracy
     assert accuracy[-1] >= accuracy[0] + 0.1, accuracy
     assert summary.final_score is not None
