@@ -112,14 +112,19 @@ def load_mnist(data_dir: Path, split: str, download: bool = True) -> LabeledImag
 def read_idx(path: Path) -> torch.Tensor:
     """Parse an IDX file (the MNIST container): magic, dims, then raw big-endian data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as exc:  # a cut-short download or a mislabelled .gz
+        raise DataNotFound(f"{path}: cannot be read ({exc}); copy the file again") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataNotFound(f"{path}: not an IDX file (bad magic)")
     dtype, ndim = raw[2], raw[3]
     if dtype not in _IDX_DTYPES:
         raise DataNotFound(f"{path}: IDX element type 0x{dtype:02x} is not supported")
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataNotFound(f"{path}: IDX header is cut short ({len(raw)} of {header} bytes)")
     shape: Tuple[int, ...] = struct.unpack(f">{ndim}I", raw[4:header])
     count = 1
     for dim in shape:
