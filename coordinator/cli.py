@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from coordinator.federation import RunSummary, run
+from coordinator.federation import RunSummary
+from coordinator.runner import run
 from coordinator.settings import WEIGHTINGS, RunSettings
 from jetfed import logs, stream
 from jetfed.config import OPTIMIZERS, TrainConfig
@@ -49,8 +50,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--chunk-bytes", type=int, default=stream.DEFAULT_CHUNK_BYTES)
     p.add_argument("--max-payload-bytes", type=int, default=stream.DEFAULT_MAX_PAYLOAD_BYTES)
-    p.add_argument("--rpc-timeout", type=float, default=300.0, help="deadline of each Train/Evaluate call, seconds")
+    p.add_argument("--round-timeout", type=float, default=300.0,
+                   help="deadline of a round's training, seconds: later updates are discarded")
+    p.add_argument("--eval-timeout", type=float, default=300.0, help="deadline of each Evaluate call, seconds")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="how long to wait for services to come up")
+    p.add_argument("--min-workers", type=int, help="updates a round needs (default: a majority of the workers)")
+    p.add_argument("--round-retries", type=int, default=3, help="attempts after a round misses its quorum")
+    p.add_argument("--max-backoff", type=float, default=30.0, help="longest wait before a failed worker is asked again")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -72,7 +79,9 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         rounds=args.rounds, eval_every=args.eval_every, model=args.model, train=train,
         lr_decay=args.lr_decay, lr_min_factor=args.lr_min_factor, weighting=args.weighting,
         chunk_bytes=args.chunk_bytes, max_payload_bytes=args.max_payload_bytes,
-        rpc_timeout=args.rpc_timeout, connect_timeout=args.connect_timeout,
+        round_timeout=args.round_timeout, eval_timeout=args.eval_timeout, connect_timeout=args.connect_timeout,
+        min_workers=args.min_workers, round_retries=args.round_retries, max_backoff=args.max_backoff,
+        resume=args.resume,
     ).validated()
 
 

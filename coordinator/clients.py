@@ -11,7 +11,16 @@ import grpc
 from jetfed import codec, wire
 from jetfed.codec import Manifest, StateDict, TensorInfo
 from jetfed.config import TrainConfig
+from jetfed.errors import BadStream
 from jetfed.serving import CHANNEL_OPTIONS
+
+# A worker that reboots is reconnected within seconds, not after gRPC's default
+# backoff of up to two minutes.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 from jetfed.v1 import (
     evaluation_pb2,
     evaluator_pb2_grpc,
@@ -80,12 +89,12 @@ class WorkerClient:
         self._spec = spec
         self._chunk_bytes = chunk_bytes
         self._max_payload_bytes = max_payload_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
-    async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
-        """Waits for the worker to come up, within `timeout`."""
-        return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
+    async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
+        """With `wait`, waits for the worker to come up, within `timeout`."""
+        return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=wait)
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
         head = worker_pb2.TrainRequest(
@@ -99,6 +108,8 @@ class WorkerClient:
             timeout=timeout,
         )
         result, payload = await wire.read_weight_stream(call, "result", self._max_payload_bytes)
+        if result.round != round_number:
+            raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
         manifest = wire.manifest_from_proto(result.manifest)
         codec.check_manifest(manifest, self._model, self._spec)
         state = codec.decode(manifest, payload)
@@ -116,7 +127,7 @@ class EvaluatorClient:
     def __init__(self, address: str, chunk_bytes: int) -> None:
         self.address = address
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self._stub = evaluator_pb2_grpc.EvaluatorStub(self._channel)
 
     async def info(self, timeout: float) -> info_pb2.GetInfoResponse:

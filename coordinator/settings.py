@@ -29,8 +29,18 @@ class RunSettings:
     weighting: str = "examples"
     chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES
     max_payload_bytes: int = stream.DEFAULT_MAX_PAYLOAD_BYTES
-    rpc_timeout: float = 300.0
+    round_timeout: float = 300.0
+    eval_timeout: float = 300.0
     connect_timeout: float = 60.0
+    min_workers: Optional[int] = None
+    round_retries: int = 3
+    max_backoff: float = 30.0
+    resume: bool = False
+
+    @property
+    def quorum(self) -> int:
+        """Updates a round needs; by default a majority of the workers."""
+        return self.min_workers if self.min_workers is not None else len(self.workers) // 2 + 1
 
     def validated(self) -> "RunSettings":
         if not self.workers:
@@ -45,7 +55,14 @@ class RunSettings:
             raise InvalidConfig(f"lr_min_factor: {self.lr_min_factor} must be in [0, 1]")
         if self.weighting not in WEIGHTINGS:
             raise InvalidConfig(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-        for name, value in (("rpc_timeout", self.rpc_timeout), ("connect_timeout", self.connect_timeout)):
+        if not 1 <= self.quorum <= len(self.workers):
+            raise InvalidConfig(f"min_workers: {self.quorum} must be in 1..{len(self.workers)} (the workers given)")
+        if self.round_retries < 0:
+            raise InvalidConfig(f"round_retries: {self.round_retries} must be 0 or more")
+        for name, value in (
+            ("round_timeout", self.round_timeout), ("eval_timeout", self.eval_timeout),
+            ("connect_timeout", self.connect_timeout), ("max_backoff", self.max_backoff),
+        ):
             if not (math.isfinite(value) and value > 0):
                 raise InvalidConfig(f"{name}: {value} must be a positive number of seconds")
         stream.check_chunk_size(self.chunk_bytes)

@@ -1,0 +1,80 @@
+"""Crash-safe run state: after every completed round the global model and the run's
+state are written to temporary names and renamed into place, so a coordinator killed at
+any instant resumes from the last whole round.
+
+The state file names the model file and its SHA-256; the model file carries its round
+in its name, so the two can never be paired wrongly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from safetensors.torch import load_file, save_file
+
+from jetfed.codec import StateDict
+from jetfed.errors import JetfedError
+
+STATE_FILE = "state.json"
+
+
+class CheckpointError(JetfedError):
+    """A checkpoint that exists but cannot be trusted; resuming from it would be a guess."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    state: StateDict
+    run: Dict[str, Any]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    partial.replace(path)
+
+
+def write_model(path: Path, state: StateDict, model: str, round_number: int) -> None:
+    """A whole safetensors model at `path` or none: written aside, then renamed."""
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(partial),
+              metadata={"model": model, "round": str(round_number)})
+    partial.replace(path)
+
+
+def save(folder: Path, round_number: int, state: StateDict, model: str, run: Dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / f"global-{round_number:06d}.safetensors"
+    write_model(model_path, state, model, round_number)
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    record = {"round": round_number, "model_file": model_path.name, "sha256": digest, "run": run}
+    _write_atomically(folder / STATE_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    for old in folder.glob("global-*.safetensors"):
+        if old != model_path:
+            old.unlink()
+    return model_path
+
+
+def load(folder: Path) -> Optional[Checkpoint]:
+    """The last completed round, or None when no checkpoint was ever written."""
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        return None
+    try:
+        record = json.loads(state_path.read_text())
+        model_path = folder / record["model_file"]
+        digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {state_path}: unreadable: {exc}") from exc
+    if digest != record["sha256"]:
+        raise CheckpointError(f"checkpoint {model_path}: sha256 {digest} does not match {state_path}")
+    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"])

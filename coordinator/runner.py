@@ -1,0 +1,98 @@
+"""A run from start (or resume) to its final model: output folder, metrics, checkpoints
+and timing around the Federation's rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import grpc
+
+from coordinator import checkpoint, report
+from coordinator.clients import Score
+from coordinator.federation import Federation, RunFailed, RunSummary, Say, describe_failure
+from coordinator.settings import RunSettings
+from jetfed.errors import JetfedError
+
+log = logging.getLogger(__name__)
+
+# What must not change between a run and its resumption, or the result is another run.
+_PINNED = ("model", "train", "lr_decay", "lr_min_factor", "weighting")
+
+
+def run_identity(settings: RunSettings) -> Dict[str, Any]:
+    return {key: dataclasses.asdict(settings)[key] for key in _PINNED}
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop records of rounds after the checkpoint: they will be run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["round"] <= last_round]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    partial.replace(path)
+
+
+def _prepare(settings: RunSettings, federation: Federation, say: Say) -> int:
+    """The first round to run: 1, or the one after the checkpoint when resuming."""
+    folder = settings.out_dir / "checkpoint"
+    metrics = settings.out_dir / "metrics.jsonl"
+    saved = checkpoint.load(folder)
+    if not settings.resume:
+        if saved is not None or (metrics.exists() and metrics.stat().st_size):
+            raise RunFailed(f"out: {settings.out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        return 1
+    if saved is None:
+        log.info("resume: no checkpoint in %s; starting at round 1", folder)
+        return 1
+    if saved.run != json.loads(json.dumps(run_identity(settings))):
+        raise RunFailed(f"resume: {folder} was written by a run with other settings: {saved.run}")
+    federation.restore(saved.state)
+    _truncate_metrics(metrics, saved.round)
+    say(f"Resuming after round {saved.round}/{settings.rounds}")
+    return saved.round + 1
+
+
+async def run(settings: RunSettings, say: Say = print) -> RunSummary:
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    federation = Federation(settings, say)
+    first = _prepare(settings, federation, say)
+    metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
+    model_path = settings.out_dir / "model.safetensors"
+    train_total = eval_total = 0.0
+    final: Optional[Score] = None
+    try:
+        started = time.perf_counter()
+        await federation.connect()
+        connect_seconds = time.perf_counter() - started
+        for round_number in range(first, settings.rounds + 1):
+            say(f"Training round {round_number}/{settings.rounds}")
+            round_started = time.perf_counter()
+            record = await federation.train_round(round_number)
+            record["train_s"] = time.perf_counter() - round_started
+            train_total += record["train_s"]
+            if federation.evaluator and settings.evaluates(round_number):
+                eval_started = time.perf_counter()
+                try:
+                    scores = await federation.evaluate_round()
+                    record["evaluation"] = {key: report.score_record(s) for key, s in scores.items()}
+                    final = scores["global"] if round_number == settings.rounds else final
+                except (grpc.aio.AioRpcError, JetfedError) as exc:
+                    record["evaluation_error"] = describe_failure(exc)
+                    log.warning("round=%d evaluation failed: %s", round_number, record["evaluation_error"])
+                record["eval_s"] = time.perf_counter() - eval_started
+                eval_total += record["eval_s"]
+            record["duration_s"] = time.perf_counter() - round_started
+            metrics.write(record)
+            checkpoint.save(settings.out_dir / "checkpoint", round_number, federation.global_weights.state,
+                            settings.model, run_identity(settings))
+        checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
+    finally:
+        metrics.close()
+        await federation.close()
+    return RunSummary(settings.rounds, final, connect_seconds, train_total, eval_total, model_path)
