@@ -99,7 +99,9 @@ class Federation:
             try:
                 info = await self.evaluator.info(timeout)
             except grpc.aio.AioRpcError as exc:
-                raise RunFailed(f"evaluator at {self.evaluator.address} not reachable: {describe_failure(exc)}") from exc
+                log.warning("evaluator at %s unreachable at start (%s); training goes on, evaluations will be tried on schedule",
+                            self.evaluator.address, describe_failure(exc))
+                return
             if info.model != self.settings.model:
                 raise RunFailed(f"evaluator serves model {info.model!r}, this run trains {self.settings.model!r}")
             log.info("evaluator address=%s device=%s examples=%d", self.evaluator.address, info.device, info.dataset_size)
