@@ -86,13 +86,21 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
 
 
 async def run_until_signal(settings: RunSettings) -> RunSummary:
-    """SIGINT or SIGTERM cancels the run between awaits: metrics written so far stay,
-    channels close, and the process exits non-zero instead of dying mid-write."""
+    """SIGINT or SIGTERM cancels the run between awaits: metrics and the checkpoint of
+    the last whole round stay, channels close, and the process exits 0 (a systemd stop
+    is routine; `--resume` continues)."""
     task = asyncio.ensure_future(run(settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    return await task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise Stopped() from None
+
+
+class Stopped(Exception):
+    """The run was stopped by a signal; its last checkpoint allows --resume."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -104,9 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except JetfedError as exc:
         log.error("%s", exc)
         return 1
-    except asyncio.CancelledError:
-        log.error("stopped by a signal before the run finished")
-        return 130
+    except Stopped:
+        log.warning("stopped by a signal; continue with --resume --out %s", settings.out_dir)
+        return 0
     rounds = summary.train_seconds + summary.eval_seconds
     print(
         f"Run finished: {summary.rounds} rounds in {rounds:.1f}s "

@@ -34,7 +34,10 @@ async def serve(args: argparse.Namespace) -> None:
     label = devices.describe(device)
     log.info("evaluator=%s device=%s model=%s", args.name, label, args.model)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-    scorer = Scorer(args.model, DeviceData.from_images(data, device), label, executor, args.max_payload_bytes, args.batch_size)
+    scorer = Scorer(
+        args.model, DeviceData.from_images(data, device), label, executor, args.max_payload_bytes,
+        args.batch_size, args.receive_timeout,
+    )
     scorer.warm_up()
     service = EvaluatorService(args.name, scorer, counts, label)
     name = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name

@@ -31,7 +31,7 @@ ROLES = ("coordinator", "worker", "evaluator")
 # issued certificate from being "not yet valid" there.
 CLOCK_SLACK = datetime.timedelta(days=1)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-DNS_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
+DNS_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 ALWAYS_HOSTS = ("localhost", "127.0.0.1")
 EKU = {
     "coordinator": [ExtendedKeyUsageOID.CLIENT_AUTH],

@@ -28,6 +28,12 @@ class BadStream(JetfedError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class StreamStalled(BadStream):
+    """A weight stream that did not finish in time; its sender holds no lock forever."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class CorruptPayload(JetfedError):
     """Weight bytes that do not match their manifest (size, checksum, format)."""
 

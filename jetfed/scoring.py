@@ -25,7 +25,7 @@ class Scorer:
 
     def __init__(
         self, model_name: str, data: DeviceData, device_label: str, executor: Executor,
-        max_payload_bytes: int, batch_size: int = 500,
+        max_payload_bytes: int, batch_size: int = 500, receive_timeout: float = 120.0,
     ) -> None:
         self.model_name = model_name
         self._model = build_model(model_name).to(data.labels.device)
@@ -35,10 +35,13 @@ class Scorer:
         self._executor = executor
         self._max_payload_bytes = max_payload_bytes
         self._batch_size = batch_size
+        self._receive_timeout = receive_timeout
         self._lock = asyncio.Lock()
 
     async def score(self, requests: AsyncIterator[Any]) -> evaluation_pb2.EvaluateResponse:
-        head, payload = await wire.read_weight_stream(requests, "header", self._max_payload_bytes)
+        head, payload = await wire.read_weight_stream(
+            requests, "header", self._max_payload_bytes, self._receive_timeout
+        )
         manifest = wire.manifest_from_proto(head.manifest)
         codec.check_manifest(manifest, self.model_name, self._spec)
         state = codec.decode(manifest, payload)

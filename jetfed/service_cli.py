@@ -26,6 +26,10 @@ def service_parser(prog: str, description: str, default_port: int) -> argparse.A
         "--max-payload-bytes", type=int, default=stream.DEFAULT_MAX_PAYLOAD_BYTES,
         help="largest weight stream accepted",
     )
+    parser.add_argument(
+        "--receive-timeout", type=float, default=120.0,
+        help="seconds a client may take to stream a model before the call is dropped",
+    )
     parser.add_argument("--grace", type=float, default=5.0, help="seconds RPCs in flight get on shutdown")
     parser.add_argument("--log-level", default="INFO")
     return parser

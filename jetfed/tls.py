@@ -71,9 +71,10 @@ class TlsFiles:
         if missing:
             present = ", ".join(FLAGS[name] for name, value in given.items() if value)
             raise InvalidConfig(f"{', '.join(missing)} missing: {present} needs all of --tls-cert, --tls-key and --tls-ca")
-        for name, value in given.items():
-            _read(Path(value), FLAGS[name])
-        return cls(Path(cert), Path(key), Path(ca))  # type: ignore[arg-type]
+        paths = {name: Path(value) for name, value in given.items() if value}
+        for name, path in paths.items():
+            _read(path, FLAGS[name])
+        return cls(**paths)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return server_credentials(self.cert, self.key, self.ca)
@@ -95,7 +96,7 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def warn_plaintext(logger: logging.Logger, what: str) -> None:
-    """Log that `what` (e.g. "worker on 0.0.0.0:8777") runs without TLS: anyone on the
-    network can read the weights and call it."""
-    logger.warning("plaintext: %s runs without TLS; anyone who reaches it can call it and read "
-                   "the weights (provision with `jetfed certs`, pass --tls-cert/--tls-key/--tls-ca)", what)
+    """Log that `what` (e.g. "worker alice on 0.0.0.0:8777") goes without TLS: anyone on
+    the network can read the weights and, without a token, make the calls."""
+    logger.warning("plaintext: %s without TLS: anyone on the network can read the weights "
+                   "(provision with `jetfed certs`, pass --tls-cert/--tls-key/--tls-ca)", what)

@@ -3,12 +3,13 @@ header-then-chunks stream discipline shared by every weight-carrying RPC."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Iterator, Tuple, TypeVar
+import asyncio
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Tuple, TypeVar
 
 from jetfed import stream
 from jetfed.codec import Manifest, TensorInfo
 from jetfed.config import TrainConfig
-from jetfed.errors import BadStream
+from jetfed.errors import BadStream, StreamStalled
 from jetfed.v1 import training_pb2, weights_pb2
 
 M = TypeVar("M")
@@ -84,13 +85,21 @@ def weight_messages(
 
 
 async def read_weight_stream(
-    messages: AsyncIterator[Any], head_field: str, max_bytes: int
+    messages: AsyncIterator[Any], head_field: str, max_bytes: int, timeout: Optional[float] = None
 ) -> Tuple[Any, bytes]:
     """Read a header-then-chunks stream; returns the header and the assembled payload.
 
     The header's `manifest.total_bytes` is checked against `max_bytes` before any chunk
-    is buffered, so an oversized stream costs the receiver nothing.
+    is buffered, so an oversized stream costs the receiver nothing; a stream that takes
+    longer than `timeout` seconds is abandoned.
     """
+    try:
+        return await asyncio.wait_for(_read_weight_stream(messages, head_field, max_bytes), timeout)
+    except asyncio.TimeoutError:
+        raise StreamStalled(f"{head_field}: the weight stream did not complete within {timeout:.0f}s") from None
+
+
+async def _read_weight_stream(messages: AsyncIterator[Any], head_field: str, max_bytes: int) -> Tuple[Any, bytes]:
     head = None
     assembler = None
     async for message in messages:

@@ -38,7 +38,7 @@ async def serve(args: argparse.Namespace) -> None:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     service = WorkerService(
         args.name, args.model, DeviceData.from_images(data, device), counts, label, executor,
-        args.chunk_bytes, args.max_payload_bytes,
+        args.chunk_bytes, args.max_payload_bytes, args.receive_timeout,
     )
     service.warm_up()
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name

@@ -32,6 +32,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(
         self, name: str, model_name: str, data: DeviceData, label_counts: list,
         device_label: str, executor: Executor, chunk_bytes: int, max_payload_bytes: int,
+        receive_timeout: float = 120.0,
     ) -> None:
         self._name = name
         self._model_name = model_name
@@ -43,9 +44,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._executor = executor
         self._chunk_bytes = chunk_bytes
         self._max_payload_bytes = max_payload_bytes
+        self._receive_timeout = receive_timeout
         self._training = asyncio.Lock()
         self._training_round = 0
-        self._scorer = Scorer(model_name, data, device_label, executor, max_payload_bytes)
+        self._scorer = Scorer(model_name, data, device_label, executor, max_payload_bytes,
+                              receive_timeout=receive_timeout)
 
     async def GetInfo(self, request: info_pb2.GetInfoRequest, context: grpc.aio.ServicerContext) -> info_pb2.GetInfoResponse:
         return service_info(self._name, "worker", self._device_label, self._model_name, self._label_counts)
@@ -60,7 +63,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 f"worker {self._name} is already training round {self._training_round}; retry when it is done",
             )
         async with self._training, rpc_status(context, "Train"):
-            head, payload = await wire.read_weight_stream(request_iterator, "header", self._max_payload_bytes)
+            head, payload = await wire.read_weight_stream(
+                request_iterator, "header", self._max_payload_bytes, self._receive_timeout
+            )
             self._training_round = head.round
             config = wire.config_from_proto(head.config)
             manifest = wire.manifest_from_proto(head.manifest)

@@ -25,13 +25,13 @@ for arg in "$@"; do
         *) usage >&2; exit 2 ;;
     esac
 done
+case $PREFIX in /*) ;; *) echo "install.sh: PREFIX must be an absolute path" >&2; exit 2 ;; esac
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 root=$DESTDIR$PREFIX
 src=$root/src
 venv=$root/venv
-case $PREFIX in /*) ;; *) echo "install.sh: PREFIX must be an absolute path" >&2; exit 2 ;; esac
 real=0
 if [ -z "$DESTDIR" ]; then
     [ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo), or set DESTDIR to a scratch root" >&2; exit 1; }

@@ -326,8 +326,8 @@ def test_no_tls_flags_mean_plaintext_and_a_warning(caplog):
     assert tls.TlsFiles.from_flags(None, None, None) is None
     logger = logging.getLogger("worker")
     with caplog.at_level(logging.WARNING, logger="worker"):
-        tls.warn_plaintext(logger, "worker on 0.0.0.0:8777")
-    assert "plaintext: worker on 0.0.0.0:8777 runs without TLS" in caplog.text
+        tls.warn_plaintext(logger, "worker alice on 0.0.0.0:8777")
+    assert "plaintext: worker alice on 0.0.0.0:8777 without TLS" in caplog.text
 
 
 def test_tls_flags_default_to_the_environment(monkeypatch):

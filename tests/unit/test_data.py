@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_mnist, write_idx
+from tests.conftest import make_tiny_mnist, write_idx
 
 from jetfed.data import LabeledImages, load_mnist, parse_labels, read_idx, resolve_data_dir
 from jetfed.errors import DataNotFound, InvalidConfig

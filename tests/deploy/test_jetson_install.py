@@ -1,0 +1,84 @@
+"""install.sh into scratch roots: the tree it lays down, a second run that keeps what
+an operator edited, and (once, about 45 s) a real venv on the system's packages."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scratch_install import REPO, run_install
+
+UNITS = ("jetfed-worker@.service", "jetfed-evaluator.service", "jetfed-coordinator.service")
+ENV_FILES = ("worker-alice.env", "worker-bob.env", "worker-charlie.env", "evaluator.env", "coordinator.env")
+
+
+def exec_starts(root: Path) -> list:
+    return [
+        line.split()[0].partition("=")[2]
+        for unit in UNITS for line in (root / "etc/systemd/system" / unit).read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+
+
+def test_install_lays_out_the_tree(tmp_path: Path) -> None:
+    run_install(tmp_path, "--no-venv")
+    src = tmp_path / "opt/jetfed/src"
+    for path in ("pyproject.toml", "README.md", "jetfed/codec.py", "jetfed/v1/worker_pb2_grpc.py", "worker/cli.py",
+                 "evaluator/cli.py", "coordinator/cli.py", "protos/jetfed/v1/worker.proto"):
+        assert (src / path).is_file(), path
+    assert sorted(p.name for p in src.iterdir()) == sorted(
+        ["coordinator", "evaluator", "jetfed", "protos", "pyproject.toml", "README.md", "worker"])
+    assert not list(src.rglob("__pycache__"))
+    assert sorted(p.name for p in (tmp_path / "etc/systemd/system").iterdir()) == sorted(UNITS)
+    assert sorted(p.name for p in (tmp_path / "etc/jetfed").iterdir()) == sorted(ENV_FILES)
+    assert exec_starts(tmp_path) == ["/opt/jetfed/venv/bin/jetfed"] * len(UNITS)
+    assert (tmp_path / "var/lib/jetfed/mnist").is_dir()
+    assert not (tmp_path / "opt/jetfed/venv").exists()
+
+
+def test_prefix_moves_code_and_units_with_it(tmp_path: Path) -> None:
+    run_install(tmp_path, PREFIX="/srv/jetfed", JETFED_SKIP_VENV="1")
+    assert (tmp_path / "srv/jetfed/src/jetfed/codec.py").is_file()
+    assert exec_starts(tmp_path) == ["/srv/jetfed/venv/bin/jetfed"] * len(UNITS)
+    assert not (tmp_path / "opt").exists()
+
+
+def test_second_install_keeps_edited_env_files(tmp_path: Path) -> None:
+    run_install(tmp_path, "--no-venv")
+    alice = tmp_path / "etc/jetfed/worker-alice.env"
+    alice.write_text("JETFED_PORT=9777\n")
+    stale = tmp_path / "opt/jetfed/src/jetfed/removed_module.py"
+    stale.write_text("")
+    unit = tmp_path / "etc/systemd/system/jetfed-evaluator.service"
+    unit.write_text("[Service]\n")
+    again = run_install(tmp_path, "--no-venv")
+    assert alice.read_text() == "JETFED_PORT=9777\n"
+    assert f"kept {alice}" in again.stdout
+    assert not stale.exists(), "src must mirror the repo: a module removed there is gone here"
+    assert "ExecStart=" in unit.read_text(), "units are ours: a reinstall refreshes them"
+
+
+def test_missing_stubs_without_venv_fail_clearly(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for name in ("jetfed", "worker", "evaluator", "coordinator", "protos", "pyproject.toml", "README.md", "deploy"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, repo / name)
+    shutil.rmtree(repo / "jetfed/v1")
+    with pytest.raises(AssertionError, match="stubs are missing"):
+        run_install(tmp_path / "root", "--no-venv", repo=repo)
+
+
+def test_venv_uses_system_packages_and_installs_no_torch(tmp_path: Path) -> None:
+    """The board's torch comes from JetPack through --system-site-packages; pip must
+    install jetfed and the gRPC/safetensors runtime, never a torch wheel."""
+    run_install(tmp_path, PYTHON=sys.executable)
+    venv = tmp_path / "opt/jetfed/venv"
+    assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    assert not list(venv.glob("lib/python*/site-packages/torch")), "pip installed a torch wheel"
+    usage = subprocess.run([str(venv / "bin/jetfed"), "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "coordinator, evaluator, worker" in usage.stderr, usage.stderr
+    probe = "import grpc_health.v1, grpc_reflection.v1alpha, safetensors, jetfed.v1.worker_pb2_grpc"
+    imported = subprocess.run([str(venv / "bin/python"), "-c", probe], capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stderr
