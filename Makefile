@@ -10,7 +10,7 @@ STUBS := jetfed/v1/.generated
 
 DATA_DIR ?= $(or $(JETFED_DATA_DIR),../shared/datasets/mnist)
 DATA := $(abspath $(DATA_DIR))
-ROUNDS ?= 40
+CONFIG ?= examples/federation.toml
 OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
@@ -40,12 +40,12 @@ test: install
 	JETFED_DATA_DIR=$(DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
 run-local: install
-	$(PY) tools/run_local.py --data-dir $(DATA) --rounds $(ROUNDS) --out $(OUT) $(if $(SEED),--seed $(SEED))
+	$(PY) tools/run_local.py --config $(CONFIG) --data-dir $(DATA) --out $(OUT) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SEED),--seed $(SEED))
 
 # Speed and accuracy goals live here, not in timed tests.
 bench: install
-	$(PY) bench/inprocess.py --data-dir $(DATA) --rounds $(ROUNDS)
-	$(PY) bench/seed_sweep.py --data-dir $(DATA) --rounds $(ROUNDS)
+	$(PY) bench/inprocess.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
+	$(PY) bench/seed_sweep.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf jetfed/v1 build *.egg-info .pytest_cache

@@ -1,4 +1,5 @@
-"""`jetfed coordinator`: run a federation over workers and an evaluator given by flags."""
+"""`jetfed coordinator`: run a federation over the workers and evaluator given by a
+config file (--config federation.toml) and flags."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
+from coordinator.config_file import load_config
 from coordinator.federation import RunSummary
 from coordinator.runner import run
 from coordinator.settings import WEIGHTINGS, RunSettings
@@ -28,60 +30,89 @@ def parse_endpoint(value: str) -> tuple:
     return name, address
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="jetfed coordinator", description=__doc__)
-    p.add_argument("--worker", action="append", type=parse_endpoint, default=[], metavar="NAME=HOST:PORT",
-                   help="a worker to train on (repeat for each)")
-    p.add_argument("--evaluator", metavar="[NAME=]HOST:PORT", help="the evaluator scoring models on the test set")
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--eval-every", type=int, default=10, help="evaluate rounds 1, 1+N, 1+2N, ... and the last")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=model_names())
-    p.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of round 1")
-    p.add_argument("--lr-decay", type=float, default=0.98, help="lr multiplier per round (the reference's 0.98)")
-    p.add_argument("--lr-min-factor", type=float, default=0.01, help="lr never drops below this times --lr")
-    p.add_argument("--momentum", type=float, default=defaults.momentum)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--batches", type=int, default=defaults.max_batches, help="batches per epoch per round; 0 = all")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--seed", type=int, default=1, help="seeds the initial model and every worker's shuffling")
-    p.add_argument("--weighting", default="examples", choices=WEIGHTINGS, help="FedAvg weights: examples trained, or equal")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--chunk-bytes", type=int, default=stream.DEFAULT_CHUNK_BYTES)
-    p.add_argument("--max-payload-bytes", type=int, default=stream.DEFAULT_MAX_PAYLOAD_BYTES)
-    p.add_argument("--round-timeout", type=float, default=300.0,
-                   help="deadline of a round's training, seconds: later updates are discarded")
-    p.add_argument("--eval-timeout", type=float, default=300.0, help="deadline of each Evaluate call, seconds")
-    p.add_argument("--connect-timeout", type=float, default=60.0, help="how long to wait for services to come up")
-    p.add_argument("--min-workers", type=int, help="updates a round needs (default: a majority of the workers)")
-    p.add_argument("--round-retries", type=int, default=3, help="attempts after a round misses its quorum")
-    p.add_argument("--max-backoff", type=float, default=30.0, help="longest wait before a failed worker is asked again")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+DEFAULTS = {
+    "worker": [], "evaluator": None, "rounds": 40, "eval_every": 10, "model": DEFAULT_MODEL,
+    "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
+    "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
+    "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "out": None,
+    "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": stream.DEFAULT_MAX_PAYLOAD_BYTES,
+    "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
+    "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO",
+}
 
 
-def settings_from(args: argparse.Namespace) -> RunSettings:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag defaults to 'not given', so a config file's value survives unless the
+    flag overrides it; the effective defaults live in DEFAULTS and show in --help."""
+    p = argparse.ArgumentParser(prog="jetfed coordinator", description=__doc__, argument_default=argparse.SUPPRESS)
+
+    def flag(name: str, help: str = "", **kwargs: object) -> None:
+        key = name[2:].replace("-", "_")
+        shown = f" (default: {DEFAULTS[key]})" if DEFAULTS.get(key) not in (None, [], False) else ""
+        p.add_argument(name, help=help + shown, **kwargs)
+
+    p.add_argument("--config", type=Path, help="a federation.toml; flags override its keys")
+    flag("--worker", "a worker to train on (repeat for each)", action="append", type=parse_endpoint,
+         metavar="NAME=HOST:PORT")
+    flag("--evaluator", "the evaluator scoring models on the test set", metavar="[NAME=]HOST:PORT")
+    flag("--rounds", type=int)
+    flag("--eval-every", "evaluate rounds 1, 1+N, 1+2N, ... and the last", type=int)
+    flag("--model", choices=model_names())
+    flag("--optimizer", choices=OPTIMIZERS)
+    flag("--lr", "learning rate of round 1", type=float)
+    flag("--lr-decay", "lr multiplier per round (the reference's)", type=float)
+    flag("--lr-min-factor", "lr never drops below this times --lr", type=float)
+    flag("--momentum", type=float)
+    flag("--batch-size", type=int)
+    flag("--batches", "batches per epoch per round; 0 = all", type=int)
+    flag("--epochs", type=int)
+    flag("--seed", "seeds the initial model and every worker's shuffling", type=int)
+    flag("--weighting", "FedAvg weights: examples trained, or equal", choices=WEIGHTINGS)
+    flag("--out", "output folder (default: runs/<timestamp>)", type=Path)
+    flag("--chunk-bytes", type=int)
+    flag("--max-payload-bytes", type=int)
+    flag("--round-timeout", "deadline of a round's training in seconds; later updates are discarded", type=float)
+    flag("--eval-timeout", "deadline of each Evaluate call, seconds", type=float)
+    flag("--connect-timeout", "how long to wait for services to come up, seconds", type=float)
+    flag("--min-workers", "updates a round needs (default: a majority of the workers)", type=int)
+    flag("--round-retries", "attempts after a round misses its quorum", type=int)
+    flag("--max-backoff", "longest wait in seconds before a failed worker is asked again", type=float)
+    flag("--resume", "continue the run in --out from its last checkpoint", action="store_true")
+    flag("--log-level")
+    return p
+
+
+def parse_args(argv: Optional[List[str]]) -> Dict[str, object]:
+    """Defaults, then the config file, then the flags."""
+    flags = vars(build_parser().parse_args(argv))
+    config_path = flags.pop("config", None)
+    from_file = load_config(config_path) if config_path else {}
+    return {**DEFAULTS, **from_file, **flags}
+
+
+def settings_from(values: Dict[str, Any]) -> RunSettings:
     workers: Dict[str, str] = {}
-    for name, address in args.worker:
+    for name, address in values["worker"]:
         if name in workers:
             raise InvalidConfig(f"worker: {name!r} given twice")
         workers[name] = address
-    evaluator = args.evaluator.partition("=")[2] if args.evaluator and "=" in args.evaluator else args.evaluator
+    evaluator = values["evaluator"]
+    if evaluator and "=" in evaluator:
+        evaluator = evaluator.partition("=")[2]
     train = TrainConfig(
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
-        max_batches=args.batches, epochs=args.epochs, seed=args.seed,
+        optimizer=values["optimizer"], lr=values["lr"], momentum=values["momentum"],
+        batch_size=values["batch_size"], max_batches=values["batches"], epochs=values["epochs"], seed=values["seed"],
     )
+    out = values["out"]
     return RunSettings(
         workers=workers, evaluator=evaluator,
-        out_dir=args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"),
-        rounds=args.rounds, eval_every=args.eval_every, model=args.model, train=train,
-        lr_decay=args.lr_decay, lr_min_factor=args.lr_min_factor, weighting=args.weighting,
-        chunk_bytes=args.chunk_bytes, max_payload_bytes=args.max_payload_bytes,
-        round_timeout=args.round_timeout, eval_timeout=args.eval_timeout, connect_timeout=args.connect_timeout,
-        min_workers=args.min_workers, round_retries=args.round_retries, max_backoff=args.max_backoff,
-        resume=args.resume,
+        out_dir=Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S"),
+        rounds=values["rounds"], eval_every=values["eval_every"], model=values["model"], train=train,
+        lr_decay=values["lr_decay"], lr_min_factor=values["lr_min_factor"], weighting=values["weighting"],
+        chunk_bytes=values["chunk_bytes"], max_payload_bytes=values["max_payload_bytes"],
+        round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],
+        connect_timeout=values["connect_timeout"], min_workers=values["min_workers"],
+        round_retries=values["round_retries"], max_backoff=values["max_backoff"], resume=values["resume"],
     ).validated()
 
 
@@ -104,10 +135,11 @@ class Stopped(Exception):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    logs.configure(args.log_level)
+    logs.configure("INFO")
     try:
-        settings = settings_from(args)
+        values = parse_args(argv)
+        logging.getLogger().setLevel(str(values["log_level"]).upper())
+        settings = settings_from(values)
         summary = asyncio.run(run_until_signal(settings))
     except JetfedError as exc:
         log.error("%s", exc)

@@ -1,9 +1,10 @@
 """`make run-local`: the reference federation on one machine.
 
-Starts alice (digits 0-3), bob (4-6), charlie (7-9) and the evaluator as separate
-processes on localhost, waits until each reports SERVING over gRPC health, runs the
-coordinator with the reference recipe, and stops every process it started on success,
-failure or Ctrl-C. Arguments after `--` go to the coordinator unchanged.
+Starts the workers and the evaluator of a federation config (examples/federation.toml:
+alice 0-3, bob 4-6, charlie 7-9, testing) as separate processes, waits until each
+reports SERVING over gRPC health, runs the coordinator with that config, and stops
+every process it started on success, failure or Ctrl-C. Arguments after `--` go to the
+coordinator unchanged.
 """
 
 from __future__ import annotations
@@ -16,13 +17,44 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
+
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-WORKERS: Sequence[Tuple[str, str]] = (("alice", "0-3"), ("bob", "4-6"), ("charlie", "7-9"))
-EVALUATOR = "testing"
+from coordinator.config_file import load_config, worker_labels
+from jetfed.errors import JetfedError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "examples" / "federation.toml"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    host: str
+    port: int
+    labels: str = "all"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def endpoints(config: Path, base_port: Optional[int], host: Optional[str]) -> Tuple[List[Endpoint], Endpoint]:
+    """Workers and evaluator as the config places them; --base-port/--host move them all."""
+    values = load_config(config)
+    labels = worker_labels(config)
+    places = [(name, address) for name, address in values["worker"]]
+    places.append(tuple(values["evaluator"].split("=", 1)))
+    found = []
+    for index, (name, address) in enumerate(places):
+        config_host, _, port = address.rpartition(":")
+        found.append(Endpoint(name, host or config_host, base_port + index if base_port else int(port),
+                              labels.get(name, "all")))
+    return found[:-1], found[-1]
 
 
 def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
@@ -31,12 +63,13 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the federation (default: examples/federation.toml)")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--seed", type=int, help="run seed (default: the coordinator's)")
+    parser.add_argument("--rounds", type=int, help="override the config's rounds")
+    parser.add_argument("--seed", type=int, help="override the config's seed")
     parser.add_argument("--out", type=Path, required=True, help="run folder: model, metrics.jsonl, logs/")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--base-port", type=int, default=8777, help="alice's port; bob, charlie, testing follow")
+    parser.add_argument("--host", help="bind and connect here instead of the config's hosts")
+    parser.add_argument("--base-port", type=int, help="first service's port, the others follow (default: the config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (3 workers share the cores)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluator")
     parser.add_argument("--model", default="mnist-cnn")
@@ -99,32 +132,35 @@ async def main_async(args: argparse.Namespace, extra: List[str]) -> int:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     jetfed = [sys.executable, "-m", "jetfed.cli"]
-    common = ["--host", args.host, "--data-dir", args.data_dir, "--no-download", "--model", args.model]
+    common = ["--data-dir", args.data_dir, "--no-download", "--model", args.model]
     fleet = Fleet()
     started = time.perf_counter()
     try:
+        workers, evaluator = endpoints(args.config, args.base_port, args.host)
         waits = []
-        for offset, (name, labels) in enumerate(WORKERS):
-            port = args.base_port + offset
-            proc = await fleet.start(name, [*jetfed, "worker", "--name", name, "--port", str(port), "--labels", labels,
-                                            "--threads", str(args.threads), *common], logs / f"{name}.log")
-            waits.append(wait_serving(name, f"{args.host}:{port}", proc, args.start_timeout))
-        eval_port = args.base_port + len(WORKERS)
-        proc = await fleet.start(EVALUATOR, [*jetfed, "evaluator", "--name", EVALUATOR, "--port", str(eval_port),
-                                             "--threads", str(args.eval_threads), *common], logs / f"{EVALUATOR}.log")
-        waits.append(wait_serving(EVALUATOR, f"{args.host}:{eval_port}", proc, args.start_timeout))
+        for worker in workers:
+            proc = await fleet.start(worker.name, [
+                *jetfed, "worker", "--name", worker.name, "--host", worker.host, "--port", str(worker.port),
+                "--labels", worker.labels, "--threads", str(args.threads), *common], logs / f"{worker.name}.log")
+            waits.append(wait_serving(worker.name, worker.address, proc, args.start_timeout))
+        proc = await fleet.start(evaluator.name, [
+            *jetfed, "evaluator", "--name", evaluator.name, "--host", evaluator.host, "--port", str(evaluator.port),
+            "--threads", str(args.eval_threads), *common], logs / f"{evaluator.name}.log")
+        waits.append(wait_serving(evaluator.name, evaluator.address, proc, args.start_timeout))
         await asyncio.gather(*waits)
         print(f"run-local: {len(waits)} services SERVING after {time.perf_counter() - started:.1f}s; logs in {logs}", flush=True)
-        coordinator = [*jetfed, "coordinator", "--rounds", str(args.rounds), "--out", str(args.out), "--model", args.model,
-                       *[f"--worker={n}={args.host}:{args.base_port + i}" for i, (n, _) in enumerate(WORKERS)],
-                       f"--evaluator={EVALUATOR}={args.host}:{eval_port}"]
+        coordinator = [*jetfed, "coordinator", "--config", str(args.config), "--out", str(args.out), "--model", args.model,
+                       *[f"--worker={w.name}={w.address}" for w in workers],
+                       f"--evaluator={evaluator.name}={evaluator.address}"]
+        if args.rounds is not None:
+            coordinator += ["--rounds", str(args.rounds)]
         if args.seed is not None:
             coordinator += ["--seed", str(args.seed)]
         proc = await fleet.start("coordinator", [*coordinator, *extra], logs / "coordinator.log")
         code = await proc.wait()
         print(f"run-local: finished in {time.perf_counter() - started:.1f}s, coordinator exit status {code}", flush=True)
         return code
-    except RuntimeError as exc:
+    except (RuntimeError, JetfedError) as exc:
         print(f"run-local: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -1,0 +1,96 @@
+"""`--config federation.toml`: the federation described in one file. Keys are the
+command line's flag names with underscores, grouped in sections; flags override them.
+Unknown keys and wrong types fail at start-up, naming the key."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from jetfed.errors import InvalidConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack's Python 3.8/3.10
+    import tomli as tomllib
+
+_SECTIONS: Dict[str, Dict[str, type]] = {
+    "federation": {"rounds": int, "eval_every": int, "model": str, "seed": int, "out": str},
+    "training": {
+        "optimizer": str, "lr": float, "lr_decay": float, "lr_min_factor": float, "momentum": float,
+        "batch_size": int, "batches": int, "epochs": int, "weighting": str,
+    },
+    "faults": {
+        "round_timeout": float, "eval_timeout": float, "connect_timeout": float, "min_workers": int,
+        "round_retries": int, "max_backoff": float,
+    },
+    "transport": {"chunk_bytes": int, "max_payload_bytes": int},
+}
+_WORKER_KEYS = {"address": str, "labels": str}
+_EVALUATOR_KEYS = {"name": str, "address": str}
+
+
+def _check(where: str, table: Any, allowed: Dict[str, type]) -> Dict[str, Any]:
+    if not isinstance(table, dict):
+        raise InvalidConfig(f"config: [{where}] must be a table")
+    for key, value in table.items():
+        if key not in allowed:
+            raise InvalidConfig(f"config: unknown key {key!r} in [{where}]; known: {', '.join(sorted(allowed))}")
+        if not _has_type(value, allowed[key]):
+            raise InvalidConfig(f"config: [{where}] {key} = {value!r} must be a {allowed[key].__name__}")
+    return dict(table)
+
+
+def _has_type(value: Any, want: type) -> bool:
+    if isinstance(value, bool):  # TOML booleans are ints to Python
+        return want is bool
+    if want is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, want)
+
+
+def load_config(path: Path) -> Dict[str, Any]:
+    """Flag-named settings from a TOML file (`worker` as NAME=ADDRESS pairs)."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidConfig(f"config: cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidConfig(f"config: {path} is not valid TOML: {exc}") from exc
+    values: Dict[str, Any] = {}
+    for section, table in document.items():
+        if section in _SECTIONS:
+            values.update(_check(section, table, _SECTIONS[section]))
+        elif section == "workers":
+            values["worker"] = _workers(table)
+        elif section == "evaluator":
+            evaluator = _check("evaluator", table, _EVALUATOR_KEYS)
+            if "address" not in evaluator:
+                raise InvalidConfig("config: [evaluator] needs an address")
+            values["evaluator"] = f"{evaluator.get('name', 'testing')}={evaluator['address']}"
+        else:
+            raise InvalidConfig(
+                f"config: unknown section [{section}]; known: "
+                + ", ".join(sorted([*_SECTIONS, "workers", "evaluator"]))
+            )
+    return values
+
+
+def _workers(table: Any) -> List[Tuple[str, str]]:
+    if not isinstance(table, dict):
+        raise InvalidConfig("config: [workers] must hold one table per worker, e.g. [workers.alice]")
+    workers = []
+    for name, spec in table.items():
+        spec = _check(f"workers.{name}", spec, _WORKER_KEYS)
+        if "address" not in spec:
+            raise InvalidConfig(f"config: [workers.{name}] needs an address")
+        workers.append((name, spec["address"]))
+    return workers
+
+
+def worker_labels(path: Path) -> Dict[str, str]:
+    """The `labels` each worker is started with where one launcher starts them all
+    (`make run-local`); the coordinator itself never needs them."""
+    document = tomllib.loads(path.read_text(encoding="utf-8"))
+    return {name: spec.get("labels", "all") for name, spec in document.get("workers", {}).items()}

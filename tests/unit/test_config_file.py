@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.cli import parse_args, settings_from
+from coordinator.config_file import load_config, worker_labels
+from jetfed.errors import InvalidConfig
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federation.toml"
+
+
+def test_example_config_describes_the_reference_federation():
+    settings = settings_from(parse_args(["--config", str(EXAMPLE)]))
+    assert settings.workers == {"alice": "127.0.0.1:8777", "bob": "127.0.0.1:8778", "charlie": "127.0.0.1:8779"}
+    assert settings.evaluator == "127.0.0.1:8780"
+    assert (settings.rounds, settings.eval_every, settings.model) == (40, 10, "mnist-cnn")
+    assert (settings.train.lr, settings.train.batch_size, settings.train.max_batches) == (0.1, 32, 10)
+    assert worker_labels(EXAMPLE) == {"alice": "0-3", "bob": "4-6", "charlie": "7-9"}
+
+
+def test_flags_override_the_file():
+    settings = settings_from(parse_args(["--config", str(EXAMPLE), "--rounds", "3", "--lr", "0.05",
+                                         "--worker", "solo=10.0.0.2:9000", "--min-workers", "1"]))
+    assert settings.rounds == 3 and settings.train.lr == 0.05
+    assert settings.workers == {"solo": "10.0.0.2:9000"}
+    assert settings.train.batch_size == 32
+
+
+def test_without_a_file_the_defaults_are_the_reference_recipe():
+    settings = settings_from(parse_args(["--worker", "a=h:1"]))
+    assert (settings.rounds, settings.lr_decay, settings.train.seed, settings.weighting) == (40, 0.98, 1, "examples")
+
+
+@pytest.mark.parametrize("text, field", [
+    ("[training]\nlr = 'fast'\n", "lr"),
+    ("[training]\nbatchsize = 3\n", "batchsize"),
+    ("[federation]\nrounds = true\n", "rounds"),
+    ("[wat]\n", "wat"),
+    ("[workers.alice]\nlabels = '0-3'\n", "address"),
+    ("[evaluator]\nname = 'x'\n", "address"),
+    ("rounds = [\n", "TOML"),
+])
+def test_bad_files_name_the_key(tmp_path, text, field):
+    path = tmp_path / "federation.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidConfig, match=field):
+        load_config(path)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(InvalidConfig, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
