@@ -37,7 +37,7 @@ DEFAULTS = {
     "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "out": None,
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": stream.DEFAULT_MAX_PAYLOAD_BYTES,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
-    "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO",
+    "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO", "status_address": None,
 }
 
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--min-workers", "updates a round needs (default: a majority of the workers)", type=int)
     flag("--round-retries", "attempts after a round misses its quorum", type=int)
     flag("--max-backoff", "longest wait in seconds before a failed worker is asked again", type=float)
+    flag("--status-address", "serve jetfed.v1.Coordinator (GetStatus, WatchStatus) here, e.g. 127.0.0.1:8781",
+         metavar="HOST:PORT")
     flag("--resume", "continue the run in --out from its last checkpoint", action="store_true")
     flag("--log-level")
     return p
@@ -113,6 +115,7 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],
         connect_timeout=values["connect_timeout"], min_workers=values["min_workers"],
         round_retries=values["round_retries"], max_backoff=values["max_backoff"], resume=values["resume"],
+        status_address=values["status_address"],
     ).validated()
 
 

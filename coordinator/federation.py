@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from coordinator import report
+from coordinator.board import RunBoard
 from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient
 from coordinator.fedavg import fedavg
 from coordinator.roster import Roster
@@ -65,6 +66,7 @@ class Federation:
             for name, address in settings.workers.items()
         }
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
+        self.board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
         self.evaluator = EvaluatorClient(settings.evaluator, settings.chunk_bytes) if settings.evaluator else None
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
         self._updates: List[Update] = []
@@ -109,6 +111,7 @@ class Federation:
     async def _attempt(self, round_number: int, names: List[str], record: Dict[str, Any]) -> List[Update]:
         settings = self.settings
         config = replace(settings.train, lr=settings.lr_for(round_number))
+        self.board.start_round(round_number, names)
         results = await asyncio.gather(
             *(self.workers[n].train(round_number, config, self.global_weights, settings.round_timeout) for n in names),
             return_exceptions=True,
@@ -118,6 +121,7 @@ class Federation:
             if isinstance(result, Update):
                 updates.append(result)
                 self.roster.succeeded(name, round_number)
+                self.board.worker_done(name, round_number, result.train_seconds, result.mean_loss)
                 record["failed"].pop(name, None)
                 continue
             if not isinstance(result, Exception):
@@ -127,6 +131,7 @@ class Federation:
                 record["late"].append(name)
             record["failed"][name] = reason
             delay = self.roster.failed(name, reason)
+            self.board.worker_failed(name, reason)
             log.warning("round=%d worker=%s status=%s retry_in=%.1fs", round_number, name, reason, delay)
         return updates
 
@@ -188,6 +193,9 @@ class Federation:
         for (_, who, _), score in zip(tagged, scores):
             self._say(report.share_line(who, score, groups))
             self._say(report.score_line(who, score))
+        self.board.evaluated(self.board.round, [
+            (key, s.accuracy, s.loss, s.correct, s.total) for (key, _, _), s in zip(tagged, scores)
+        ])
         return {key: score for (key, _, _), score in zip(tagged, scores)}
 
     async def close(self) -> None:

@@ -84,7 +84,7 @@ def _label(name: str) -> str:
     return "federated model" if name == GLOBAL else f"{name}'s update"
 
 
-def _figure(rows: int, cols: int, height: float = SIZE[1], **subplots: Any) -> Tuple[Any, Any]:
+def _figure(rows: int = 1, cols: int = 1, height: float = SIZE[1], **subplots: Any) -> Tuple[Any, Any]:
     """A figure outside pyplot (no global state, no window) with a grid of axes."""
     try:
         from matplotlib.figure import Figure
@@ -101,54 +101,54 @@ def _percent_axis(ax: Any) -> None:
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
 
 
-def _integer_rounds(ax: Any) -> None:
+def _round_axis(ax: Any, rounds: Sequence[Round]) -> None:
+    """Every figure spans the whole run, so a round sits at the same place in each."""
     from matplotlib.ticker import MaxNLocator
 
+    ax.set_xlim(rounds[0]["round"] - 0.7, rounds[-1]["round"] + 0.7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
 
 
-def _mark_evaluation_errors(ax: Any, rounds: Sequence[Round]) -> None:
-    failed = [r["round"] for r in rounds if "evaluation_error" in r]
-    for i, number in enumerate(failed):
-        ax.axvline(number, color="tab:red", linestyle=":", linewidth=1.5,
-                   label="evaluation failed" if i == 0 else None)
-
-
-def plot_accuracy(rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str], ax: Any) -> None:
+def _evaluated_lines(ax: Any, rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str],
+                     value: Callable[[Dict[str, Any]], float], final: str = "") -> None:
+    """One line per evaluated model, the federated one emphasised; rounds whose evaluation
+    failed are marked, and an axis with nothing to show says so."""
+    drawn = False
     for name in names:
         points = scores(rounds, name)
         if points:
-            main = name == GLOBAL
-            last = f" (round {points[-1][0]}: {100 * points[-1][1]['accuracy']:.1f}%)"
-            ax.plot([n for n, _ in points], [100 * s["accuracy"] for _, s in points], marker="o",
-                    color=colours[name], linewidth=3 if main else 1.3, markersize=7 if main else 4.5,
-                    zorder=3 if main else 2, label=_label(name) + last)
-    _mark_evaluation_errors(ax, rounds)
+            drawn, main = True, name == GLOBAL
+            last = final.format(points[-1][0], value(points[-1][1])) if final else ""
+            ax.plot([n for n, _ in points], [value(s) for _, s in points], marker="o", color=colours[name],
+                    linewidth=3 if main else 1.3, markersize=7 if main else 4.5, zorder=3 if main else 2,
+                    label=(_label(name) if final or main else name) + last)
+    for i, number in enumerate(r["round"] for r in rounds if "evaluation_error" in r):
+        ax.axvline(number, color="tab:red", linestyle=":", linewidth=1.5, label=None if i else "evaluation failed")
+    if not drawn:
+        ax.text(0.5, 0.6, "no evaluated rounds", transform=ax.transAxes, ha="center", color="grey")
+
+
+def plot_accuracy(ax: Any, rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str]) -> None:
+    _evaluated_lines(ax, rounds, names, colours, lambda s: 100 * s["accuracy"], final=" (round {}: {:.1f}%)")
     _percent_axis(ax)
-    _integer_rounds(ax)
+    _round_axis(ax, rounds)
     ax.set(title="Test accuracy of the federated model and of each worker's update", ylabel="accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
 
 
-def plot_loss(rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str], figure: Any, axes: Any) -> None:
+def plot_loss(figure: Any, axes: Any, rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str]) -> None:
     """Test loss above, training loss below; one legend names a worker's colour in both."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     evaluation, training = axes[0][0], axes[1][0]
+    _evaluated_lines(evaluation, rounds, names, colours, lambda s: s["loss"])
     for name in names:
-        points = scores(rounds, name)
-        if points:
-            main = name == GLOBAL
-            evaluation.plot([n for n, _ in points], [s["loss"] for _, s in points], marker="o",
-                            color=colours[name], linewidth=3 if main else 1.3, markersize=7 if main else 4.5,
-                            zorder=3 if main else 2, label=_label(name) if main else name)
         trained = [(r["round"], r["updates"][name]["mean_loss"]) for r in rounds if name in (r.get("updates") or {})]
         if trained:
-            training.plot([n for n, _ in trained], [loss for _, loss in trained], marker=".",
-                          color=colours[name], linewidth=1.3, label=name)
-    _mark_evaluation_errors(evaluation, rounds)
+            training.plot(*zip(*trained), marker=".", color=colours[name], linewidth=1.3, label=name)
     evaluation.set(title="Test loss of the federated model and of each worker's update (mean NLL)", ylabel="test loss")
     training.set(title="Each worker's mean training loss on its own data", ylabel="training loss")
     legend: Dict[str, Any] = {}
@@ -159,71 +159,73 @@ def plot_loss(rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, 
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    _integer_rounds(training)
+    _round_axis(training, rounds)
     figure.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
 
 
-def plot_shares(rounds: Sequence[Round], names: Sequence[str], groups: Sequence[Group], figure: Any, axes: Any) -> None:
+def plot_shares(figure: Any, axes: Any, rounds: Sequence[Round], names: Sequence[str], groups: Sequence[Group]) -> None:
+    """Per model, stacked bars of the share of test predictions in each digit group."""
     from matplotlib import colormaps
+    from matplotlib.patches import Patch
 
     covered = {label for _, labels in groups for label in labels}
-    parts = list(groups) + ([("other", tuple(d for d in range(10) if d not in covered))] if len(covered) < 10 else [])
-    palette = colormaps["Set2"]
-    colours = ["lightgrey" if name == "other" else palette(i % 8) for i, (name, _) in enumerate(parts)]
+    rest = tuple(d for d in range(10) if d not in covered)
+    parts = [(f"digits {name}", labels) for name, labels in groups] + ([("other digits", rest)] if rest else [])
+    colours = [colormaps["Set2"](i % 8) for i in range(len(groups))] + ["lightgrey"] * bool(rest)
     for ax, name in zip(axes.flat, names):
         points = scores(rounds, name)
-        positions = range(len(points))
         bottom = [0.0] * len(points)
-        for (group, labels), colour in zip(parts, colours):
+        for (_, labels), colour in zip(parts, colours):
             shares = [100 * sum(s["predicted_counts"][d] for d in labels) / max(s["total"], 1) for _, s in points]
-            bars = ax.bar(positions, shares, bottom=bottom, color=colour, edgecolor="white", width=0.8, label=group)
+            bars = ax.bar(range(len(points)), shares, bottom=bottom, color=colour, edgecolor="white")
             ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 9 else "" for v in shares], label_type="center", fontsize=8)
             bottom = [b + v for b, v in zip(bottom, shares)]
-        ax.set_xticks(list(positions), [str(n) for n, _ in points])
+        ax.set_xticks(range(len(points)), [str(n) for n, _ in points])
         ax.set(title=_label(name), xlabel="round")
         _percent_axis(ax)
+        if not points:
+            ax.text(0.5, 0.6, "no evaluated rounds", transform=ax.transAxes, ha="center", color="grey")
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("share of test predictions")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, [f"digits {label}" for label in labels], loc="outside lower center", ncol=len(parts))
+    handles = [Patch(color=colour, label=label) for (label, _), colour in zip(parts, colours)]
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(parts))
 
 
-def plot_rounds(rounds: Sequence[Round], axes: Any) -> None:
+def _names(record: Round, key: str) -> set:
+    """Workers named under `key`; a late worker is named under "failed" and "late"."""
+    return set(record.get(key) or ())
+
+
+def plot_rounds(axes: Any, rounds: Sequence[Round]) -> None:
+    """Where each round's time went, and which workers took part."""
     time_ax, worker_ax = axes[0][0], axes[1][0]
     numbers = [r["round"] for r in rounds]
     train = [r.get("train_s", 0.0) for r in rounds]
     evaluate = [r.get("eval_s", 0.0) for r in rounds]
-    other = [max(r.get("duration_s", 0.0) - t - e, 0.0) for r, t, e in zip(rounds, train, evaluate)]
-    time_ax.bar(numbers, train, color="tab:blue", label="training")
+    time_ax.bar(numbers, train, color="tab:blue", label="training (with retries)")
     time_ax.bar(numbers, evaluate, bottom=train, color="tab:orange", label="evaluation")
-    if max(other) > 0.01:
-        time_ax.bar(numbers, other, bottom=[t + e for t, e in zip(train, evaluate)], color="tab:gray", label="other")
-    time_ax.set(title="Duration of each round", ylabel="seconds", ylim=(0, max(map(sum, zip(train, evaluate, other))) * 1.3))
+    top = max(t + e for t, e in zip(train, evaluate))
+    total = sum(r.get("duration_s", 0.0) for r in rounds)
+    time_ax.set(title=f"Duration of each round ({total:.1f} s in all)", ylabel="seconds", ylim=(0, top * 1.3 or 1))
 
-    bottom = [0] * len(rounds)
-    for key, colour, label in (("workers", "tab:green", "contributed"), ("failed", "tab:red", "failed"),
-                               ("late", "tab:orange", "late (deadline)"), ("skipped", "tab:gray", "skipped (backing off)")):
-        counts = [_count(r, key) for r in rounds]
-        if key == "workers" or any(counts):
-            worker_ax.bar(numbers, counts, bottom=bottom, color=colour, label=label)
-            bottom = [b + c for b, c in zip(bottom, counts)]
-    worker_ax.set(title="Workers per round", ylabel="workers", ylim=(0, max(bottom) * 1.35 + 0.5))
+    stacked = [0] * len(rounds)
+    for label, colour, count in (
+        ("contributed", "tab:green", lambda r: len(r.get("workers") or ())),
+        ("failed", "tab:red", lambda r: len(_names(r, "failed") - _names(r, "late"))),
+        ("late (missed the deadline)", "tab:orange", lambda r: len(_names(r, "failed") & _names(r, "late"))),
+        ("skipped (backing off)", "tab:gray", lambda r: len(_names(r, "skipped"))),
+    ):
+        counts = [count(r) for r in rounds]
+        if label == "contributed" or any(counts):
+            worker_ax.bar(numbers, counts, bottom=stacked, color=colour, label=label)
+            stacked = [s + c for s, c in zip(stacked, counts)]
+    worker_ax.set(title="Workers per round", ylabel="workers", ylim=(0, max(stacked) * 1.35 + 0.5))
     worker_ax.yaxis.get_major_locator().set_params(integer=True)
     for ax in (time_ax, worker_ax):
         ax.grid(alpha=0.3, axis="y")
         ax.legend(loc="upper right", fontsize="small", ncol=4)
-    _integer_rounds(worker_ax)
-
-
-def _count(record: Round, key: str) -> int:
-    """Workers per outcome; a late worker is also in "failed", so it is counted once, as late."""
-    late = set(record.get("late") or ()) & set(record.get("failed") or ())
-    if key == "failed":
-        return len(set(record.get("failed") or ()) - late)
-    if key == "late":
-        return len(late)
-    return len(record.get(key) or ())
+    _round_axis(worker_ax, rounds)
 
 
 def draw(rounds: Sequence[Round], groups: Sequence[Group], out: Path, title: str) -> List[Path]:
@@ -233,30 +235,31 @@ def draw(rounds: Sequence[Round], groups: Sequence[Group], out: Path, title: str
     evaluated = [n for n in names if scores(rounds, n)] or [GLOBAL]
     cols = min(len(evaluated), 4)
     rows = -(-len(evaluated) // cols)
-    plans: List[Tuple[str, Tuple[int, int, float], Dict[str, Any], Callable[[Any, Any], None]]] = [
-        ("accuracy.png", (1, 1, SIZE[1]), {}, lambda f, a: plot_accuracy(rounds, names, colours, a[0][0])),
-        ("loss.png", (2, 1, SIZE[1]), {"sharex": True}, lambda f, a: plot_loss(rounds, names, colours, f, a)),
-        ("shares.png", (rows, cols, SIZE[1] * (1 + 0.8 * (rows - 1))), {"sharey": True},
-         lambda f, a: plot_shares(rounds, evaluated, groups, f, a)),
-        ("rounds.png", (2, 1, SIZE[1]), {"sharex": True}, lambda f, a: plot_rounds(rounds, a)),
-    ]
+    figures = {}
+    figures["accuracy"], axes = _figure()
+    plot_accuracy(axes[0][0], rounds, names, colours)
+    figures["loss"], axes = _figure(2, 1, sharex=True)
+    plot_loss(figures["loss"], axes, rounds, names, colours)
+    figures["shares"], axes = _figure(rows, cols, SIZE[1] * (1 + 0.8 * (rows - 1)), sharey=True)
+    plot_shares(figures["shares"], axes, rounds, evaluated, groups)
+    figures["rounds"], axes = _figure(2, 1, sharex=True)
+    plot_rounds(axes, rounds)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for filename, (r, c, height), options, plot in plans:
-        figure, axes = _figure(r, c, height, **options)
-        plot(figure, axes)
-        figure.suptitle(f"{title}: {filename[:-4]}", fontweight="bold")
-        figure.savefig(out / filename, dpi=DPI)
-        written.append(out / filename)
+    for name, figure in figures.items():
+        figure.suptitle(f"{title}: {name}", fontweight="bold")
+        figure.savefig(out / f"{name}.png", dpi=DPI)
+        written.append(out / f"{name}.png")
     return written
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="jetfed report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="jetfed report", description="Draw a run's metrics.jsonl as "
+                                     "accuracy.png, loss.png, shares.png and rounds.png.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's output folder, holding metrics.jsonl")
-    parser.add_argument("--out", type=Path, help="where to write the PNGs (default: RUN_DIR)")
-    parser.add_argument("--groups", type=parse_groups, default=parse_groups("0-3,4-6,7-9"), metavar="0-3,4-6,7-9",
-                        help="digit groups for shares.png, the digits each worker holds (default: 0-3,4-6,7-9)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
+    parser.add_argument("--groups", type=parse_groups, default="0-3,4-6,7-9", metavar="A-B,C-D,...",
+                        help="digit groups for shares.png, those the workers hold (default: %(default)s)")
     args = parser.parse_args(argv)
     metrics = args.run_dir / "metrics.jsonl"
     rounds = load_rounds(metrics) if metrics.is_file() else []

@@ -16,7 +16,10 @@ from coordinator import checkpoint, report
 from coordinator.clients import Score
 from coordinator.federation import Federation, RunFailed, RunSummary, Say, describe_failure
 from coordinator.settings import RunSettings
+from coordinator.status_service import CoordinatorStatusService
+from jetfed import serving
 from jetfed.errors import JetfedError
+from jetfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +61,28 @@ def _prepare(settings: RunSettings, federation: Federation, say: Say) -> int:
     return saved.round + 1
 
 
+async def _serve_status(settings: RunSettings, federation: Federation) -> Optional[serving.RunningServer]:
+    if not settings.status_address:
+        return None
+    host, _, port = settings.status_address.rpartition(":")
+    service = CoordinatorStatusService(federation.board)
+    name = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+    return await serving.start_server(
+        [serving.Service(name, lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server))],
+        host, int(port),
+    )
+
+
 async def run(settings: RunSettings, say: Say = print) -> RunSummary:
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     federation = Federation(settings, say)
     first = _prepare(settings, federation, say)
+    federation.board.first_round = first
     metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
     model_path = settings.out_dir / "model.safetensors"
     train_total = eval_total = 0.0
     final: Optional[Score] = None
+    status_server = await _serve_status(settings, federation)
     try:
         started = time.perf_counter()
         await federation.connect()
@@ -88,11 +105,18 @@ async def run(settings: RunSettings, say: Say = print) -> RunSummary:
                 record["eval_s"] = time.perf_counter() - eval_started
                 eval_total += record["eval_s"]
             record["duration_s"] = time.perf_counter() - round_started
+            federation.board.end_round(record["duration_s"])
             metrics.write(record)
             checkpoint.save(settings.out_dir / "checkpoint", round_number, federation.global_weights.state,
                             settings.model, run_identity(settings))
         checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
+        federation.board.end()
+    except BaseException as exc:
+        federation.board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
+        raise
     finally:
         metrics.close()
         await federation.close()
+        if status_server is not None:
+            await status_server.stop(grace=1.0)
     return RunSummary(settings.rounds, final, connect_seconds, train_total, eval_total, model_path)

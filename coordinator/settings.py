@@ -36,6 +36,7 @@ class RunSettings:
     round_retries: int = 3
     max_backoff: float = 30.0
     resume: bool = False
+    status_address: Optional[str] = None
 
     @property
     def quorum(self) -> int:
@@ -65,6 +66,8 @@ class RunSettings:
         ):
             if not (math.isfinite(value) and value > 0):
                 raise InvalidConfig(f"{name}: {value} must be a positive number of seconds")
+        if self.status_address is not None and not self.status_address.rpartition(":")[2].isdigit():
+            raise InvalidConfig(f"status_address: {self.status_address!r} is not HOST:PORT")
         stream.check_chunk_size(self.chunk_bytes)
         build_model(self.model)
         self.train.validated()

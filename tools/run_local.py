@@ -152,6 +152,8 @@ async def main_async(args: argparse.Namespace, extra: List[str]) -> int:
         coordinator = [*jetfed, "coordinator", "--config", str(args.config), "--out", str(args.out), "--model", args.model,
                        *[f"--worker={w.name}={w.address}" for w in workers],
                        f"--evaluator={evaluator.name}={evaluator.address}"]
+        if args.base_port:
+            coordinator += ["--status-address", f"{evaluator.host}:{evaluator.port + 1}"]
         if args.rounds is not None:
             coordinator += ["--rounds", str(args.rounds)]
         if args.seed is not None:

@@ -46,7 +46,7 @@ def launch(real_mnist: Path, out: Path, rounds: int, base: int) -> subprocess.Po
 
 
 def test_reference_run_reaches_95_percent(real_mnist: Path, tmp_path: Path) -> None:
-    base = free_port_block(4)
+    base = free_port_block(5)
     proc = launch(real_mnist, tmp_path, 40, base)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
@@ -65,7 +65,7 @@ def test_reference_run_reaches_95_percent(real_mnist: Path, tmp_path: Path) -> N
 
 
 def test_interrupt_stops_every_service(real_mnist: Path, tmp_path: Path) -> None:
-    base = free_port_block(4)
+    base = free_port_block(5)
     proc = launch(real_mnist, tmp_path, 40, base)
     deadline = time.monotonic() + 180
     for line in proc.stdout:

@@ -72,11 +72,6 @@ def with_nan() -> StateDict:
     return state
 
 
-def swapped(messages: list, i: int, j: int) -> list:
-    messages[i], messages[j] = messages[j], messages[i]
-    return messages
-
-
 def extra_chunk(messages: list) -> list:
     last = messages[-1].chunk
     chunk = weights_pb2.WeightChunk(offset=last.offset + len(last.data), data=b"\0" * 8)

@@ -1,0 +1,110 @@
+"""The live state of a run, in plain Python: the round loop writes it, the status
+service and the terminal progress read it. Every change wakes the watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+IDLE, TRAINING, DONE, FAILED = "idle", "training", "done", "failed"
+STARTING, RUNNING, FINISHED = "starting", "running", "finished"
+
+
+@dataclass
+class WorkerView:
+    name: str
+    address: str
+    state: str = IDLE
+    last_contribution: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_train_seconds: float = 0.0
+    last_train_loss: float = 0.0
+
+
+@dataclass
+class ScoreView:
+    model: str
+    accuracy: float
+    loss: float
+    correct: int
+    total: int
+
+
+@dataclass
+class RunBoard:
+    rounds: int
+    out_dir: str
+    workers: Dict[str, WorkerView]
+    state: str = STARTING
+    round: int = 0
+    first_round: int = 1
+    error: str = ""
+    last_evaluated_round: int = 0
+    last_evaluation: List[ScoreView] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    round_durations: List[float] = field(default_factory=list)
+    version: int = 0
+    _changed: Optional[asyncio.Event] = None
+
+    @classmethod
+    def for_workers(cls, rounds: int, out_dir: str, workers: Dict[str, str]) -> "RunBoard":
+        return cls(rounds, out_dir, {name: WorkerView(name, address) for name, address in workers.items()})
+
+    def touch(self) -> None:
+        """Record a change and wake everyone waiting in `wait_change`."""
+        self.version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_change(self, seen: int) -> int:
+        """Return the version once it differs from `seen`."""
+        while self.version == seen:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+        return self.version
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def eta(self) -> float:
+        if not self.round_durations:
+            return 0.0
+        done = self.first_round - 1 + len(self.round_durations)
+        return sum(self.round_durations) / len(self.round_durations) * max(self.rounds - done, 0)
+
+    def start_round(self, number: int, asked: List[str]) -> None:
+        self.state, self.round = RUNNING, number
+        for name in asked:
+            self.workers[name].state = TRAINING
+        self.touch()
+
+    def worker_done(self, name: str, round_number: int, seconds: float, loss: float) -> None:
+        view = self.workers[name]
+        view.state, view.last_contribution, view.failures, view.last_error = DONE, round_number, 0, ""
+        view.last_train_seconds, view.last_train_loss = seconds, loss
+        self.touch()
+
+    def worker_failed(self, name: str, reason: str) -> None:
+        view = self.workers[name]
+        view.state, view.failures, view.last_error = FAILED, view.failures + 1, reason
+        self.touch()
+
+    def end_round(self, seconds: float) -> None:
+        self.round_durations.append(seconds)
+        self.touch()
+
+    def evaluated(self, round_number: int, scores: List[Tuple[str, float, float, int, int]]) -> None:
+        self.last_evaluated_round = round_number
+        self.last_evaluation = [ScoreView(*score) for score in scores]
+        self.touch()
+
+    def end(self, error: str = "") -> None:
+        self.state, self.error = (FAILED, error) if error else (FINISHED, "")
+        self.touch()
