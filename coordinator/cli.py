@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -119,11 +120,11 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
     ).validated()
 
 
-async def run_until_signal(settings: RunSettings) -> RunSummary:
+async def run_until_signal(settings: RunSettings, live: bool) -> RunSummary:
     """SIGINT or SIGTERM cancels the run between awaits: metrics and the checkpoint of
     the last whole round stay, channels close, and the process exits 0 (a systemd stop
     is routine; `--resume` continues)."""
-    task = asyncio.ensure_future(run(settings))
+    task = asyncio.ensure_future(run(settings, live=live))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -143,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         values = parse_args(argv)
         logging.getLogger().setLevel(str(values["log_level"]).upper())
         settings = settings_from(values)
-        summary = asyncio.run(run_until_signal(settings))
+        summary = asyncio.run(run_until_signal(settings, live=sys.stdout.isatty()))
     except JetfedError as exc:
         log.error("%s", exc)
         return 1

@@ -107,11 +107,15 @@ class WorkerClient:
             wire.weight_messages(head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c)),
             timeout=timeout,
         )
-        result, payload = await wire.read_weight_stream(call, "result", self._max_payload_bytes)
-        if result.round != round_number:
-            raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
+        def check_result(result: worker_pb2.TrainResult) -> None:
+            if result.round != round_number:
+                raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
+            codec.check_manifest(wire.manifest_from_proto(result.manifest), self._model, self._spec)
+
+        result, payload = await wire.read_weight_stream(
+            call, "result", self._max_payload_bytes, check_head=check_result
+        )
         manifest = wire.manifest_from_proto(result.manifest)
-        codec.check_manifest(manifest, self._model, self._spec)
         state = codec.decode(manifest, payload)
         codec.require_finite(state, who=self.name)
         return Update(

@@ -54,7 +54,7 @@ def describe_failure(exc: BaseException) -> str:
 
 
 class Federation:
-    def __init__(self, settings: RunSettings, say: Say = print) -> None:
+    def __init__(self, settings: RunSettings, say: Say = print, board: Optional[RunBoard] = None) -> None:
         self.settings = settings
         self._say = say
         torch.manual_seed(settings.train.seed)
@@ -66,7 +66,7 @@ class Federation:
             for name, address in settings.workers.items()
         }
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
-        self.board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
+        self.board = board or RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
         self.evaluator = EvaluatorClient(settings.evaluator, settings.chunk_bytes) if settings.evaluator else None
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
         self._updates: List[Update] = []

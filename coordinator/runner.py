@@ -13,8 +13,10 @@ from typing import Any, Dict, Optional
 import grpc
 
 from coordinator import checkpoint, report
+from coordinator.board import RunBoard
 from coordinator.clients import Score
 from coordinator.federation import Federation, RunFailed, RunSummary, Say, describe_failure
+from coordinator.progress import Progress
 from coordinator.settings import RunSettings
 from coordinator.status_service import CoordinatorStatusService
 from jetfed import serving
@@ -73,11 +75,20 @@ async def _serve_status(settings: RunSettings, federation: Federation) -> Option
     )
 
 
-async def run(settings: RunSettings, say: Say = print) -> RunSummary:
+async def run(settings: RunSettings, say: Say = print, live: bool = False) -> RunSummary:
+    """`live` draws progress in the terminal; the reference lines print above it."""
+    board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
+    if not live:
+        return await _run(settings, board, say)
+    async with Progress(board) as progress:
+        return await _run(settings, board, progress.say)
+
+
+async def _run(settings: RunSettings, board: RunBoard, say: Say) -> RunSummary:
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    federation = Federation(settings, say)
+    federation = Federation(settings, say, board)
     first = _prepare(settings, federation, say)
-    federation.board.first_round = first
+    board.first_round = first
     metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
     model_path = settings.out_dir / "model.safetensors"
     train_total = eval_total = 0.0
@@ -105,14 +116,16 @@ async def run(settings: RunSettings, say: Say = print) -> RunSummary:
                 record["eval_s"] = time.perf_counter() - eval_started
                 eval_total += record["eval_s"]
             record["duration_s"] = time.perf_counter() - round_started
-            federation.board.end_round(record["duration_s"])
+            board.end_round(record["duration_s"])
+            log.info("round=%d/%d workers=%d/%d duration=%.2fs elapsed=%.1fs eta=%.1fs", round_number, settings.rounds,
+                     len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
             metrics.write(record)
             checkpoint.save(settings.out_dir / "checkpoint", round_number, federation.global_weights.state,
                             settings.model, run_identity(settings))
         checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
-        federation.board.end()
+        board.end()
     except BaseException as exc:
-        federation.board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
+        board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
         raise
     finally:
         metrics.close()

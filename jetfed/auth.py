@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 TOKEN_FLAG = "--token-file"
 TOKEN_ENV = "JETFED_TOKEN_FILE"
 MIN_TOKEN_CHARS = 16
+# Initial metadata the guard sends as soon as it admits a caller (see await_admission).
+ADMITTED = ("jetfed-admitted", "1")
 METHOD = re.compile(r"^/[\w.]+/\w+$")
 # OpenSSL's RFC 2253 form, as gRPC puts it in the auth context: "CN=alice,OU=worker,O=jetfed".
 RDN_SPLIT = re.compile(r"(?<!\\)[,+]")
@@ -98,21 +100,28 @@ class CallerAuthorization(grpc.aio.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
     async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        """Return if the caller may run `method`; otherwise log and abort the RPC (abort raises)."""
+        """Admit the caller, telling it at once (ADMITTED), or log and abort (abort raises)."""
+        refusal = self._refusal(method, context)
+        if refusal is None:
+            await context.send_initial_metadata((ADMITTED,))
+            return
+        code, role, details = refusal
+        log.warning("refused rpc=%s peer=%s status=%s role=%s", method, context.peer(), code.name, role or "-")
+        await context.abort(code, details)
+
+    def _refusal(self, method: str, context: grpc.aio.ServicerContext) -> Optional[Tuple[grpc.StatusCode, Optional[str], str]]:
+        """Why the caller may not run `method` (status, role, details); None if it may."""
         auth = context.auth_context()
         if "x509_subject" in auth or "x509_pem_cert" in auth:
             role = certificate_role(auth)
             if role in self._allowed:
-                return
-            code, details = grpc.StatusCode.PERMISSION_DENIED, f"role {role or 'none'} may not call {method}"
-        else:
-            role, token = None, _bearer(context.invocation_metadata())
-            if self._token is not None and token is not None and hmac.compare_digest(token.encode(), self._token):
-                return
-            why = "a wrong bearer token" if token is not None else "no client certificate and no bearer token"
-            code, details = grpc.StatusCode.UNAUTHENTICATED, f"{method} refused: {why}"
-        log.warning("refused rpc=%s peer=%s status=%s role=%s", method, context.peer(), code.name, role or "-")
-        await context.abort(code, details)
+                return None
+            return grpc.StatusCode.PERMISSION_DENIED, role, f"role {role or 'none'} may not call {method}"
+        token = _bearer(context.invocation_metadata())
+        if self._token is not None and token is not None and hmac.compare_digest(token.encode(), self._token):
+            return None
+        why = "a wrong bearer token" if token is not None else "no client certificate and no bearer token"
+        return grpc.StatusCode.UNAUTHENTICATED, None, f"{method} refused: {why}"
 
 
 def _guarded(behaviour: Callable, authorize: Callable[[grpc.aio.ServicerContext], Awaitable[None]]) -> Callable:
@@ -134,6 +143,18 @@ def _guarded(behaviour: Callable, authorize: Callable[[grpc.aio.ServicerContext]
             return await behaviour(request_or_iterator, context)
         return call
     raise TypeError(f"{behaviour!r} is not async; CallerAuthorization guards grpc.aio servicers only")
+
+
+async def await_admission(call: grpc.aio.Call) -> None:
+    """Wait until a server guarded by CallerAuthorization admits `call`, before streaming
+    a payload into it; raise its refusal otherwise. Needed because a grpc.aio client whose
+    write is in flight when a refusal arrives reports INTERNAL instead (grpc/grpc#36066).
+    Only for guarded servers: an unguarded one may send no metadata until it answers."""
+    metadata = await call.initial_metadata()
+    if any(key == ADMITTED[0] for key, _ in metadata or ()):
+        return
+    code = await call.code()
+    raise grpc.aio.AioRpcError(code, metadata, await call.trailing_metadata(), await call.details())
 
 
 def add_token_argument(parser: argparse.ArgumentParser) -> None:

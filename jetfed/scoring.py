@@ -40,11 +40,9 @@ class Scorer:
 
     async def score(self, requests: AsyncIterator[Any]) -> evaluation_pb2.EvaluateResponse:
         head, payload = await wire.read_weight_stream(
-            requests, "header", self._max_payload_bytes, self._receive_timeout
+            requests, "header", self._max_payload_bytes, self._receive_timeout, self._check_header
         )
-        manifest = wire.manifest_from_proto(head.manifest)
-        codec.check_manifest(manifest, self.model_name, self._spec)
-        state = codec.decode(manifest, payload)
+        state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
         codec.require_finite(state)
         batch_size = head.batch_size or self._batch_size
         if batch_size > MAX_EVAL_BATCH:
@@ -61,6 +59,9 @@ class Scorer:
             predicted_counts=result.predicted_counts, confusion=result.confusion,
             num_classes=result.num_classes, seconds=result.seconds, device=self._device_label,
         )
+
+    def _check_header(self, head: evaluation_pb2.EvaluateHeader) -> None:
+        codec.check_manifest(wire.manifest_from_proto(head.manifest), self.model_name, self._spec)
 
     def warm_up(self) -> None:
         evaluate(self._model, self._data, self._batch_size, NUM_CLASSES, limit=self._batch_size)

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Tuple, Type
 from jetfed import stream
 from jetfed.codec import Manifest, TensorInfo
 from jetfed.config import TrainConfig
-from jetfed.errors import BadStream, StreamStalled
+from jetfed.errors import BadStream, JetfedError, StreamStalled
 from jetfed.v1 import training_pb2, weights_pb2
 
 M = TypeVar("M")
@@ -85,21 +85,24 @@ def weight_messages(
 
 
 async def read_weight_stream(
-    messages: AsyncIterator[Any], head_field: str, max_bytes: int, timeout: Optional[float] = None
+    messages: AsyncIterator[Any], head_field: str, max_bytes: int, timeout: Optional[float] = None,
+    check_head: Callable[[Any], None] = lambda head: None,
 ) -> Tuple[Any, bytes]:
     """Read a header-then-chunks stream; returns the header and the assembled payload.
 
-    The header's `manifest.total_bytes` is checked against `max_bytes` before any chunk
-    is buffered, so an oversized stream costs the receiver nothing; a stream that takes
-    longer than `timeout` seconds is abandoned.
+    `check_head` (which may raise) and the size limit judge the header before any chunk
+    is buffered, so a wrong model or an oversized stream costs the receiver nothing; a
+    stream that takes longer than `timeout` seconds is abandoned.
     """
     try:
-        return await asyncio.wait_for(_read_weight_stream(messages, head_field, max_bytes), timeout)
+        return await asyncio.wait_for(_read_weight_stream(messages, head_field, max_bytes, check_head), timeout)
     except asyncio.TimeoutError:
         raise StreamStalled(f"{head_field}: the weight stream did not complete within {timeout:.0f}s") from None
 
 
-async def _read_weight_stream(messages: AsyncIterator[Any], head_field: str, max_bytes: int) -> Tuple[Any, bytes]:
+async def _read_weight_stream(
+    messages: AsyncIterator[Any], head_field: str, max_bytes: int, check_head: Callable[[Any], None]
+) -> Tuple[Any, bytes]:
     head = None
     assembler = None
     async for message in messages:
@@ -109,6 +112,14 @@ async def _read_weight_stream(messages: AsyncIterator[Any], head_field: str, max
                 raise BadStream(f"{head_field}: the first message must carry the {head_field}, got {kind}")
             head = getattr(message, head_field)
             assembler = stream.PayloadAssembler(head.manifest.total_bytes, max_bytes)
+            try:
+                check_head(head)
+            except JetfedError:
+                # Discard the rest unbuffered: a gRPC client still writing when the call
+                # ends sees INTERNAL instead of this status (grpc/grpc#36066).
+                async for _ in messages:
+                    pass
+                raise
         elif kind == "chunk":
             assembler.add(message.chunk.offset, message.chunk.data)
         else:

@@ -64,13 +64,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         async with self._training, rpc_status(context, "Train"):
             head, payload = await wire.read_weight_stream(
-                request_iterator, "header", self._max_payload_bytes, self._receive_timeout
+                request_iterator, "header", self._max_payload_bytes, self._receive_timeout, self._check_header
             )
-            self._training_round = head.round
             config = wire.config_from_proto(head.config)
-            manifest = wire.manifest_from_proto(head.manifest)
-            codec.check_manifest(manifest, self._model_name, self._spec)
-            state = codec.decode(manifest, payload)
+            state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
             codec.require_finite(state)
             seed = derive_seed(config.seed, head.round, self._name)
             loop = asyncio.get_running_loop()
@@ -92,6 +89,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 lambda chunk: worker_pb2.TrainResponse(chunk=chunk),
             ):
                 yield message
+
+    def _check_header(self, head: worker_pb2.TrainHeader) -> None:
+        """Refuse a bad config or another model's weights before their bytes arrive."""
+        self._training_round = head.round
+        wire.config_from_proto(head.config)
+        codec.check_manifest(wire.manifest_from_proto(head.manifest), self._model_name, self._spec)
 
     async def Evaluate(
         self, request_iterator: AsyncIterator[evaluation_pb2.EvaluateRequest], context: grpc.aio.ServicerContext

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from jetfed import certs, tls
-from jetfed.auth import CallerAuthorization, bearer_metadata, read_token, service_methods
+from jetfed.auth import CallerAuthorization, await_admission, bearer_metadata, read_token, service_methods
 from jetfed.errors import InvalidConfig
 from jetfed.v1 import info_pb2, training_pb2, worker_pb2, worker_pb2_grpc
 
@@ -100,17 +100,18 @@ def channel(address: str, credentials: Optional[grpc.ChannelCredentials]) -> grp
     return grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
 
 
-# A refused call below sends no request messages: a grpc.aio client whose write is in
-# flight when the server's status arrives may report INTERNAL instead of that status
-# (grpc/grpc#36066), and the guard decides on the call's headers alone anyway.
-async def train(address: str, credentials: Optional[grpc.ChannelCredentials], metadata=(), send: bool = True):
+async def train(address: str, credentials: Optional[grpc.ChannelCredentials], metadata=()):
+    """Call Train the way a coordinator should: stream only once admitted."""
     async with channel(address, credentials) as ch:
-        stub = worker_pb2_grpc.WorkerStub(ch)
-        requests = [worker_pb2.TrainRequest(header=worker_pb2.TrainHeader(round=1))]
-        call = stub.Train(iter(requests) if send else None, timeout=TIMEOUT, metadata=metadata)
+        call = worker_pb2_grpc.WorkerStub(ch).Train(timeout=TIMEOUT, metadata=metadata)
+        await await_admission(call)
+        await call.write(worker_pb2.TrainRequest(header=worker_pb2.TrainHeader(round=1)))
+        await call.done_writing()
         return [r async for r in call][0]
 
 
+# A refused echo sends no request messages: a grpc.aio client whose write is in flight
+# when the server's status arrives may report INTERNAL instead (grpc/grpc#36066).
 async def echo(address: str, credentials: grpc.ChannelCredentials, kind: str, send: bool = True) -> bytes:
     async with channel(address, credentials) as ch:
         method = f"/{ECHO}/{kind}"
@@ -180,10 +181,36 @@ def test_every_handler_kind_is_guarded(fed: Path, kind: str):
     assert ran == [kind]
 
 
+async def upload(address: str, credentials: grpc.ChannelCredentials, chunks: List[bytes]):
+    """Stream `chunks` only once the server has admitted the call: a refusal then arrives
+    before any write, with its own status code."""
+    async with channel(address, credentials) as ch:
+        call = ch.stream_unary(f"/{ECHO}/StreamUnary")(timeout=TIMEOUT)
+        try:
+            await await_admission(call)
+        except grpc.aio.AioRpcError as refused:
+            return refused.code()
+        for chunk in chunks:
+            await call.write(chunk)
+        await call.done_writing()
+        return len(await call)
+
+
+@pytest.mark.parametrize("node,expected", [("coord", 2 * 1024 * 1024), ("testing", grpc.StatusCode.PERMISSION_DENIED)])
+def test_a_client_learns_its_admission_before_uploading(fed: Path, node: str, expected):
+    async def scenario():
+        async with server(mtls(fed)) as (address, ran):
+            return await upload(address, as_node(fed, node), [bytes(64 * 1024)] * 32), ran
+
+    outcome, ran = asyncio.run(scenario())
+    assert outcome == expected
+    assert ran == (["StreamUnary"] if node == "coord" else [])
+
+
 def test_a_worker_certificate_is_denied_and_the_refusal_logged(fed: Path, caplog):
     async def scenario():
         async with server(mtls(fed)) as (address, _):
-            await train(address, as_node(fed, "alice"), send=False)
+            await train(address, as_node(fed, "alice"))
 
     with caplog.at_level(logging.WARNING, logger="jetfed.auth"):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -244,7 +271,7 @@ def test_without_tls_the_token_decides(metadata: tuple, expected: Optional[grpc.
     async def scenario():
         async with server(None, TOKEN) as (address, ran):
             try:
-                return await train(address, None, metadata, send=expected is None)
+                return await train(address, None, metadata)
             finally:
                 assert ran == []
 
@@ -257,7 +284,7 @@ def test_without_tls_the_token_decides(metadata: tuple, expected: Optional[grpc.
 def test_without_tls_or_token_protected_methods_stay_shut():
     async def scenario():
         async with server(None, None) as (address, _):
-            await train(address, None, bearer_metadata(TOKEN), send=False)
+            await train(address, None, bearer_metadata(TOKEN))
 
     assert status_of(scenario()) == grpc.StatusCode.UNAUTHENTICATED
 
@@ -269,7 +296,7 @@ def test_server_only_tls_falls_back_to_the_token(fed: Path):
 
     async def scenario(metadata):
         async with server(credentials, TOKEN) as (address, _):
-            return await train(address, client, metadata, send=bool(metadata))
+            return await train(address, client, metadata)
 
     assert asyncio.run(scenario(bearer_metadata(TOKEN))).result.worker == "alice"
     assert status_of(scenario(())) == grpc.StatusCode.UNAUTHENTICATED

@@ -262,11 +262,6 @@ def test_second_concurrent_train_is_aborted(images: LabeledImages) -> None:
     run_with_worker(images, scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/service.py:64 sets _training_round only after the whole payload arrived, so an ABORTED "
-           "reply during the upload names the previous round (0), not the round in flight",
-)
 def test_aborted_message_names_the_round_in_flight(images: LabeledImages) -> None:
     async def scenario(service, stub, channel) -> None:
         refused, _ = await train_while_busy(service, stub)

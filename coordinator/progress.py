@@ -1,0 +1,74 @@
+"""Live progress in the coordinator's terminal: round k/N, each worker's state, elapsed
+time and ETA, redrawn on every change of the run board. Off a terminal (systemd, CI)
+nothing is drawn; the round lines and the log say the same in plain text."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from coordinator.board import DONE, FAILED, TRAINING, RunBoard
+
+_STYLES = {TRAINING: "yellow", DONE: "green", FAILED: "red"}
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def render(board: RunBoard) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"round {board.round}/{board.rounds}   elapsed {_clock(board.elapsed)}   ETA {_clock(board.eta)}",
+        title_justify="left", expand=False,
+    )
+    for column in ("worker", "state", "last round", "train s", "loss", "error"):
+        table.add_column(column)
+    for view in board.workers.values():
+        style = _STYLES.get(view.state, "")
+        table.add_row(
+            view.name, f"[{style}]{view.state}[/]" if style else view.state, str(view.last_contribution or "-"),
+            f"{view.last_train_seconds:.2f}", f"{view.last_train_loss:.3f}", view.last_error[:60],
+        )
+    if board.last_evaluation:
+        best = next((s for s in board.last_evaluation if s.model == "global"), None)
+        if best is not None:
+            table.caption = f"round {board.last_evaluated_round}: federated model {100 * best.accuracy:.2f}%"
+    return table
+
+
+class Progress:
+    """Owns the terminal while a run goes: lines passed to `say` print above the panel."""
+
+    def __init__(self, board: RunBoard) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._board = board
+        self._console = Console()
+        self._live = Live(render(board), console=self._console, refresh_per_second=4, transient=True)
+        self._task: Optional[asyncio.Future] = None
+
+    def say(self, line: str) -> None:
+        self._console.print(line, highlight=False, markup=False)
+
+    async def __aenter__(self) -> "Progress":
+        self._live.start()
+        self._task = asyncio.ensure_future(self._follow())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._live.stop()
+
+    async def _follow(self) -> None:
+        seen = -1
+        while True:
+            self._live.update(render(self._board))
+            try:
+                seen = await asyncio.wait_for(self._board.wait_change(seen), 1.0)
+            except asyncio.TimeoutError:
+                pass  # redraw anyway: elapsed time moves on
