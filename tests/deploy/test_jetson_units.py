@@ -88,6 +88,6 @@ def test_coordinator_command_line_is_accepted() -> None:
     assert argv[:2] == ["/opt/jetfed/venv/bin/jetfed", "coordinator"]
     args = coordinator_args(argv[2:])
     settings = settings_from(args)
-    assert args.resume, "a restarted coordinator must continue its run, not refuse the folder"
+    assert settings.resume, "a restarted coordinator must continue its run, not refuse the folder"
     assert list(settings.workers) == list(WORKERS) and settings.evaluator
     assert settings.rounds == 40 and str(settings.out_dir) == "/var/lib/jetfed/runs/fleet"

@@ -1,0 +1,199 @@
+"""Prometheus metrics: every RPC by method and final status, weight bytes on the wire,
+and the coordinator's rounds. Each Telemetry owns its registry, so several services (or
+tests) in one process never share or collide on counters.
+
+A Telemetry always exists: building one costs a registry and a dozen metric objects,
+recording one sample a lock and an addition. Without --metrics-port a service simply
+never calls `start_http`, so no code path asks "are metrics on?"."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from typing import Any, Awaitable, Callable, Iterator, Optional
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# 1 ms (a health check on a LAN) to 10 min (a ResNet round on a board); more is +Inf.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+ROUND_OUTCOMES = ("completed", "failed")
+# grpcio < 1.60 answers context.code() with the core's integer, later ones with the enum.
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_FACTORIES = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+class Telemetry:
+    """The metrics of one service; record through the methods, scrape via `start_http`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._rpcs = Counter("jetfed_rpcs", "RPCs handled, by final status code",
+                             ["service", "method", "code"], registry=r)
+        self._rpc_seconds = Histogram("jetfed_rpc_seconds", "Time from an RPC's start to its final status",
+                                      ["service", "method"], buckets=DURATION_BUCKETS, registry=r)
+        self._errors = Counter("jetfed_errors", "RPCs that ended with a status other than OK",
+                               ["method", "code"], registry=r)
+        self._received = Counter("jetfed_weight_bytes_received", "Weight chunk bytes read from streams",
+                                 ["method"], registry=r)
+        self._sent = Counter("jetfed_weight_bytes_sent", "Weight chunk bytes handed to streams",
+                             ["method"], registry=r)
+        self._rounds = Counter("jetfed_rounds", "Federation rounds by outcome", ["outcome"], registry=r)
+        self._round_seconds = Histogram("jetfed_round_seconds", "Wall time of a round, training to checkpoint",
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self._train_seconds = Histogram("jetfed_train_seconds", "A worker's Train call as the coordinator saw it",
+                                        ["worker"], buckets=DURATION_BUCKETS, registry=r)
+        self._evaluate_seconds = Histogram("jetfed_evaluate_seconds", "Scoring one model (an update or global)",
+                                           ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self._contributing = Gauge("jetfed_workers_contributing", "Updates averaged in the last round",
+                                   registry=r)
+        self._round = Gauge("jetfed_current_round", "The round being trained", registry=r)
+        self._http: Optional[Any] = None
+
+    def observe_rpc(self, full_method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """`full_method` as gRPC names it: /package.Service/Method."""
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        self._rpcs.labels(service, method, code.name).inc()
+        self._rpc_seconds.labels(service, method).observe(seconds)
+        if code is not grpc.StatusCode.OK:
+            self._errors.labels(method, code.name).inc()
+
+    def add_bytes_received(self, method: str, n: int) -> None:
+        self._received.labels(method).inc(n)
+
+    def add_bytes_sent(self, method: str, n: int) -> None:
+        self._sent.labels(method).inc(n)
+
+    def on_bytes_received(self, method: str) -> Callable[[int], None]:
+        """Per-chunk callbacks for wire.read_weight_stream and wire.weight_messages; the
+        label is resolved once per stream, not once per chunk."""
+        return self._received.labels(method).inc
+
+    def on_bytes_sent(self, method: str) -> Callable[[int], None]:
+        return self._sent.labels(method).inc
+
+    def observe_round(self, seconds: float, outcome: str) -> None:
+        """`outcome` is one of ROUND_OUTCOMES; anything else is a bug, not a new series."""
+        if outcome not in ROUND_OUTCOMES:
+            raise ValueError(f"outcome: {outcome!r} is not one of {', '.join(ROUND_OUTCOMES)}")
+        self._rounds.labels(outcome).inc()
+        self._round_seconds.observe(seconds)
+
+    def observe_train(self, worker: str, seconds: float) -> None:
+        self._train_seconds.labels(worker).observe(seconds)
+
+    def observe_evaluate(self, model: str, seconds: float) -> None:
+        self._evaluate_seconds.labels(model).observe(seconds)
+
+    def set_workers_contributing(self, count: int) -> None:
+        self._contributing.set(count)
+
+    def set_round(self, round_number: int) -> None:
+        self._round.set(round_number)
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics from a daemon thread; returns the bound port (`port=0` picks one).
+        Needs prometheus-client >= 0.20, the first to return the server it starts."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def _status(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
+    """The code the servicer set or aborted with; `default` if none (a sync context has no code())."""
+    code = getattr(context, "code", lambda: None)()
+    if isinstance(code, int):
+        code = _CODES.get(code)
+    return code if isinstance(code, grpc.StatusCode) else default
+
+
+@contextlib.contextmanager
+def _observed(telemetry: Telemetry, method: str, context: Any) -> Iterator[None]:
+    """Time the body and count its final status the way grpc.aio decides it: abort's code;
+    CANCELLED when the task is cancelled or the response generator closed early; a raised
+    exception is UNKNOWN unless the servicer set another code first."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.UNKNOWN
+    try:
+        yield
+        code = _status(context, grpc.StatusCode.OK)
+    except Exception:
+        code = _status(context, grpc.StatusCode.UNKNOWN)
+        if code is grpc.StatusCode.OK:
+            code = grpc.StatusCode.UNKNOWN
+        raise
+    except BaseException:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    finally:
+        telemetry.observe_rpc(method, code, time.perf_counter() - started)
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC the server resolves. An aio interceptor gets no servicer
+    context, so it returns the handler rebuilt around a wrapped behaviour of the same kind
+    (gRPC tells a yielding stream handler from a writing one by inspecting it).
+
+    Put it first in the server's interceptors, so what later ones refuse is counted too.
+    Unknown methods are not counted: a scanner must not mint new label values."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Optional[grpc.RpcMethodHandler]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        attribute, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+        behaviour = self._wrap(getattr(handler, attribute), handler_call_details.method, handler.response_streaming)
+        return factory(behaviour, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    def _wrap(self, behaviour: Callable, method: str, response_streaming: bool) -> Callable:
+        telemetry = self._telemetry
+        if inspect.isasyncgenfunction(behaviour):
+            async def yielding(request_or_iterator: Any, context: Any) -> Any:
+                responses = behaviour(request_or_iterator, context)
+                # Closed now, not when collected, so the servicer's `async with` (Train's lock) exits.
+                with _observed(telemetry, method, context):
+                    try:
+                        async for response in responses:
+                            yield response
+                    finally:
+                        await responses.aclose()
+            return yielding
+        if inspect.iscoroutinefunction(behaviour):
+            async def awaiting(request_or_iterator: Any, context: Any) -> Any:
+                with _observed(telemetry, method, context):
+                    return await behaviour(request_or_iterator, context)
+            return awaiting
+        if response_streaming:
+            def iterating(request_or_iterator: Any, context: Any) -> Any:
+                with _observed(telemetry, method, context):
+                    yield from behaviour(request_or_iterator, context)
+            return iterating
+
+        def calling(request_or_iterator: Any, context: Any) -> Any:
+            with _observed(telemetry, method, context):
+                return behaviour(request_or_iterator, context)
+        return calling
