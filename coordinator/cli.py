@@ -16,7 +16,8 @@ from coordinator.config_file import load_config
 from coordinator.federation import RunSummary
 from coordinator.runner import run
 from coordinator.settings import WEIGHTINGS, RunSettings
-from jetfed import logs, stream
+from jetfed import logs, stream, tls
+from jetfed.auth import add_token_argument, read_token
 from jetfed.config import OPTIMIZERS, TrainConfig
 from jetfed.errors import InvalidConfig, JetfedError
 from jetfed.models import DEFAULT_MODEL, model_names
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="HOST:PORT")
     flag("--resume", "continue the run in --out from its last checkpoint", action="store_true")
     flag("--log-level")
+    tls.add_tls_arguments(p)
+    add_token_argument(p)
     return p
 
 
@@ -117,6 +120,8 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         connect_timeout=values["connect_timeout"], min_workers=values["min_workers"],
         round_retries=values["round_retries"], max_backoff=values["max_backoff"], resume=values["resume"],
         status_address=values["status_address"],
+        tls=tls.TlsFiles.from_flags(values.get("tls_cert"), values.get("tls_key"), values.get("tls_ca")),
+        token=read_token(values.get("token_file")),
     ).validated()
 
 

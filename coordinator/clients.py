@@ -4,11 +4,12 @@ round loop sees plain objects."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Iterable, Optional, Tuple
 
 import grpc
 
 from jetfed import codec, wire
+from jetfed.auth import await_admission
 from jetfed.codec import Manifest, StateDict, TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.errors import BadStream
@@ -28,6 +29,26 @@ from jetfed.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+
+Metadata = Tuple[Tuple[str, str], ...]
+
+
+def _channel(address: str, credentials: Optional[grpc.ChannelCredentials]) -> grpc.aio.Channel:
+    """TLS when the coordinator has credentials (jetfed.tls), plaintext otherwise."""
+    options = CHANNEL_OPTIONS + RECONNECT_OPTIONS
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+async def _send(call, messages: Iterable, guarded: bool) -> None:
+    """Stream `messages` into `call`; into a guarded service (TLS or a token) only once it
+    has admitted the call, so a refusal arrives with its own code, not as INTERNAL."""
+    if guarded:
+        await await_admission(call)
+    for message in messages:
+        await call.write(message)
+    await call.done_writing()
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,7 @@ class WorkerClient:
     def __init__(
         self, name: str, address: str, model: str, spec: Tuple[TensorInfo, ...],
         chunk_bytes: int, max_payload_bytes: int,
+        credentials: Optional[grpc.ChannelCredentials] = None, metadata: Metadata = (),
     ) -> None:
         self.name = name
         self.address = address
@@ -89,7 +111,9 @@ class WorkerClient:
         self._spec = spec
         self._chunk_bytes = chunk_bytes
         self._max_payload_bytes = max_payload_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+        self._metadata = metadata
+        self._guarded = credentials is not None or bool(metadata)
+        self._channel = _channel(address, credentials)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
     async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
@@ -103,10 +127,10 @@ class WorkerClient:
                 manifest=wire.manifest_to_proto(weights.manifest),
             )
         )
-        call = self._stub.Train(
-            wire.weight_messages(head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c)),
-            timeout=timeout,
-        )
+        call = self._stub.Train(timeout=timeout, metadata=self._metadata)
+        messages = wire.weight_messages(head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c))
+        await _send(call, messages, self._guarded)
+
         def check_result(result: worker_pb2.TrainResult) -> None:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
@@ -128,18 +152,24 @@ class WorkerClient:
 
 
 class EvaluatorClient:
-    def __init__(self, address: str, chunk_bytes: int) -> None:
+    def __init__(
+        self, address: str, chunk_bytes: int,
+        credentials: Optional[grpc.ChannelCredentials] = None, metadata: Metadata = (),
+    ) -> None:
         self.address = address
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+        self._metadata = metadata
+        self._guarded = credentials is not None or bool(metadata)
+        self._channel = _channel(address, credentials)
         self._stub = evaluator_pb2_grpc.EvaluatorStub(self._channel)
 
     async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
         return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
 
     async def evaluate(self, tag: str, weights: Weights, timeout: float) -> Score:
-        response = await self._stub.Evaluate(_evaluate_messages(tag, weights, self._chunk_bytes), timeout=timeout)
-        return _score(response)
+        call = self._stub.Evaluate(timeout=timeout, metadata=self._metadata)
+        await _send(call, _evaluate_messages(tag, weights, self._chunk_bytes), self._guarded)
+        return _score(await call)
 
     async def close(self) -> None:
         await self._channel.close()

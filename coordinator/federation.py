@@ -20,7 +20,8 @@ from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerC
 from coordinator.fedavg import fedavg
 from coordinator.roster import Roster
 from coordinator.settings import RunSettings
-from jetfed import codec
+from jetfed import codec, tls
+from jetfed.auth import bearer_metadata
 from jetfed.errors import JetfedError
 from jetfed.models import build_model
 from jetfed.v1 import info_pb2
@@ -61,13 +62,22 @@ class Federation:
         initial = build_model(settings.model).state_dict()
         self._spec = codec.spec_of(initial)
         self.global_weights = Weights.of(initial, settings.model)
+        credentials = settings.tls.channel_credentials() if settings.tls else None
+        if credentials is None:
+            tls.warn_plaintext(log, "the coordinator's calls to the fleet")
+        metadata = bearer_metadata(settings.token)
         self.workers = {
-            name: WorkerClient(name, address, settings.model, self._spec, settings.chunk_bytes, settings.max_payload_bytes)
+            name: WorkerClient(
+                name, address, settings.model, self._spec, settings.chunk_bytes, settings.max_payload_bytes,
+                credentials, metadata,
+            )
             for name, address in settings.workers.items()
         }
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
         self.board = board or RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
-        self.evaluator = EvaluatorClient(settings.evaluator, settings.chunk_bytes) if settings.evaluator else None
+        self.evaluator = (
+            EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, metadata) if settings.evaluator else None
+        )
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
         self._updates: List[Update] = []
 

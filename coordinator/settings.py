@@ -11,6 +11,7 @@ from jetfed import stream
 from jetfed.config import TrainConfig
 from jetfed.errors import InvalidConfig
 from jetfed.models import DEFAULT_MODEL, build_model
+from jetfed.tls import TlsFiles
 
 WEIGHTINGS = ("examples", "equal")
 
@@ -37,6 +38,10 @@ class RunSettings:
     max_backoff: float = 30.0
     resume: bool = False
     status_address: Optional[str] = None
+    # Mutual TLS towards the fleet (the coordinator's certificate), or None: plaintext.
+    tls: Optional[TlsFiles] = None
+    # The shared bearer token for services without TLS; kept out of repr and logs.
+    token: Optional[str] = field(default=None, repr=False)
 
     @property
     def quorum(self) -> int:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from jetfed import devices, serving
 from jetfed.data import format_counts, load_mnist, resolve_data_dir
-from jetfed.service_cli import run_service, service_parser
+from jetfed.service_cli import run_service, server_security, service_parser
 from jetfed.scoring import Scorer
 from jetfed.training import DeviceData
 from jetfed.v1 import evaluator_pb2, evaluator_pb2_grpc
@@ -26,6 +26,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    descriptor = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"]
+    credentials, interceptors = server_security(args, descriptor, f"evaluator {args.name} on {args.host}:{args.port}")
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     data = load_mnist(resolve_data_dir(args.data_dir), "test", download=not args.no_download)
@@ -40,10 +42,9 @@ async def serve(args: argparse.Namespace) -> None:
     )
     scorer.warm_up()
     service = EvaluatorService(args.name, scorer, counts, label)
-    name = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name
     running = await serving.start_server(
-        [serving.Service(name, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server))],
-        args.host, args.port,
+        [serving.Service(descriptor.full_name, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server))],
+        args.host, args.port, credentials, interceptors,
     )
     try:
         await serving.serve_until_signal(running, args.grace)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, List, Optional, Tuple
 
-from jetfed import logs, stream
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from jetfed import logs, stream, tls
+from jetfed.auth import CallerAuthorization, add_token_argument, read_token, service_methods
 from jetfed.errors import JetfedError
 from jetfed.models import DEFAULT_MODEL, model_names
 
@@ -32,7 +36,25 @@ def service_parser(prog: str, description: str, default_port: int) -> argparse.A
     )
     parser.add_argument("--grace", type=float, default=5.0, help="seconds RPCs in flight get on shutdown")
     parser.add_argument("--log-level", default="INFO")
+    tls.add_tls_arguments(parser)
+    add_token_argument(parser)
     return parser
+
+
+def server_security(
+    args: argparse.Namespace, service: ServiceDescriptor, what: str,
+) -> Tuple[Optional[grpc.ServerCredentials], List[grpc.aio.ServerInterceptor]]:
+    """TLS credentials and the caller check from the shared flags, validated before any
+    data loads. Every method but GetInfo belongs to the coordinator; with neither TLS
+    nor a token nobody can prove anything, so the service stays open (and says so)."""
+    files = tls.TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    token = read_token(args.token_file)
+    if files is None:
+        tls.warn_plaintext(logging.getLogger(__name__), what)
+        if token is None:
+            return None, []
+    guard = CallerAuthorization(service_methods(service), {"coordinator"}, token)
+    return (files.server_credentials() if files else None), [guard]
 
 
 def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> int:

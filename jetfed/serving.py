@@ -8,7 +8,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,9 +50,14 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-async def start_server(services: Iterable[Service], host: str, port: int) -> RunningServer:
-    """Start a server hosting `services`, health and reflection; `port=0` picks a free port."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+async def start_server(
+    services: Iterable[Service], host: str, port: int,
+    credentials: Optional[grpc.ServerCredentials] = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start a server hosting `services`, health and reflection; `port=0` picks a free port.
+    With `credentials` the port speaks TLS only (jetfed.tls); `interceptors` see every RPC."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=list(interceptors))
     services = list(services)
     for service in services:
         service.add_to_server(server)
@@ -63,13 +68,14 @@ async def start_server(services: Iterable[Service], host: str, port: int) -> Run
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
     running = RunningServer(server, bound, health, names)
     await running.mark_serving()
-    log.info("listening on %s:%d services=%s", host, bound, ",".join(names))
+    log.info("listening on %s:%d services=%s tls=%s", host, bound, ",".join(names), "on" if credentials else "off")
     return running
 
 

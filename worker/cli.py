@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from jetfed import devices, serving, stream
 from jetfed.data import format_counts, load_mnist, parse_labels, resolve_data_dir
-from jetfed.service_cli import run_service, service_parser
+from jetfed.service_cli import run_service, server_security, service_parser
 from jetfed.training import DeviceData
 from jetfed.v1 import worker_pb2, worker_pb2_grpc
 from worker.service import WorkerService
@@ -26,6 +26,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    descriptor = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+    credentials, interceptors = server_security(args, descriptor, f"worker {args.name} on {args.host}:{args.port}")
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     stream.check_chunk_size(args.chunk_bytes)
@@ -41,10 +43,9 @@ async def serve(args: argparse.Namespace) -> None:
         args.chunk_bytes, args.max_payload_bytes, args.receive_timeout,
     )
     service.warm_up()
-    name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
     running = await serving.start_server(
-        [serving.Service(name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],
-        args.host, args.port,
+        [serving.Service(descriptor.full_name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],
+        args.host, args.port, credentials, interceptors,
     )
     try:
         await serving.serve_until_signal(running, args.grace)
