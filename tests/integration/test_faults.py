@@ -143,3 +143,17 @@ def test_evaluator_down_training_goes_on(workers, tmp_path):
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
     assert [r["round"] for r in records if "evaluation_error" in r] == [1, 3, 5]
     assert all("UNAVAILABLE" in r["evaluation_error"] for r in records if "evaluation_error" in r)
+
+
+def test_sigterm_stops_the_coordinator_cleanly_and_resume_finishes(workers, tmp_path):
+    common = ["--rounds", "8", "--batches", "2"]
+    proc = coordinator(workers, tmp_path, *common)
+    read_until(proc, "Training round 3/")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "--resume" in output
+    done = [r["round"] for r in metrics(tmp_path)]
+    assert done == list(range(1, len(done) + 1)) and len(done) < 8
+    finish(coordinator(workers, tmp_path, *common, "--resume"))
+    assert [r["round"] for r in metrics(tmp_path)] == list(range(1, 9))
