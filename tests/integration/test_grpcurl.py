@@ -80,3 +80,26 @@ def test_evaluator_get_info_prints_json(grpcurl: str, fleet: Fleet) -> None:
     info = json.loads(call(grpcurl, fleet.evaluator.address, "jetfed.v1.Evaluator/GetInfo"))
     assert (info["name"], info["role"]) == ("testing", "evaluator")
     assert info["dataset_size"] == "200"
+
+
+def test_status_recipes_follow_a_coordinator_run(grpcurl: str, fleet: Fleet, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+    from tests.integration.processes import jetfed_command
+
+    status = f"127.0.0.1:{free_port()}"
+    args = ["coordinator", "--out", str(tmp_path), "--rounds", "30", "--batches", "2", "--eval-every", "100",
+            "--status-address", status, f"--evaluator=testing={fleet.evaluator.address}"]
+    args += [f"--worker={name}={p.address}" for name, p in fleet.workers.items()]
+    run = subprocess.Popen(jetfed_command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in run.stdout:
+            if line.startswith("Training round 3/"):
+                break
+        mid = json.loads(call(grpcurl, status, "jetfed.v1.Coordinator/GetStatus"))["status"]
+        assert mid["state"] == "RUN_STATE_RUNNING" and mid["rounds"] == 30
+        assert [w["name"] for w in mid["workers"]] == ["alice", "bob", "charlie"]
+        watched = call(grpcurl, status, "jetfed.v1.Coordinator/WatchStatus")
+        assert '"state": "RUN_STATE_FINISHED"' in watched and '"round": 30' in watched
+    finally:
+        output, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, output

