@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from coordinator.federation import RunSummary
 from coordinator.runner import run
 from coordinator.settings import WEIGHTINGS, RunSettings
 from jetfed import logs, stream, tls
+from jetfed.signals import cancel_on_signals
 from jetfed.auth import add_token_argument, read_token
 from jetfed.config import OPTIMIZERS, TrainConfig
 from jetfed.errors import InvalidConfig, JetfedError
@@ -129,12 +129,8 @@ async def run_until_signal(settings: RunSettings, live: bool) -> RunSummary:
     """SIGINT or SIGTERM cancels the run between awaits: metrics and the checkpoint of
     the last whole round stay, channels close, and the process exits 0 (a systemd stop
     is routine; `--resume` continues)."""
-    task = asyncio.ensure_future(run(settings, live=live))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
     try:
-        return await task
+        return await cancel_on_signals(run(settings, live=live))
     except asyncio.CancelledError:
         raise Stopped() from None
 

@@ -7,9 +7,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from jetfed import devices, serving
+from jetfed import devices
 from jetfed.data import format_counts, load_mnist, resolve_data_dir
-from jetfed.service_cli import run_service, server_security, service_parser
+from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser
 from jetfed.scoring import Scorer
 from jetfed.training import DeviceData
 from jetfed.v1 import evaluator_pb2, evaluator_pb2_grpc
@@ -27,7 +27,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     descriptor = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"]
-    credentials, interceptors = server_security(args, descriptor, f"evaluator {args.name} on {args.host}:{args.port}")
+    security = server_security(args, descriptor, f"evaluator {args.name} on {args.host}:{args.port}")
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     data = load_mnist(resolve_data_dir(args.data_dir), "test", download=not args.no_download)
@@ -42,14 +42,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     scorer.warm_up()
     service = EvaluatorService(args.name, scorer, counts, label)
-    running = await serving.start_server(
-        [serving.Service(descriptor.full_name, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server))],
-        args.host, args.port, credentials, interceptors,
-    )
-    try:
-        await serving.serve_until_signal(running, args.grace)
-    finally:
-        executor.shutdown(wait=False)
+    await host_until_signal(args, descriptor, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server), security, executor)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from concurrent.futures import Executor
 from typing import Awaitable, Callable, List, Optional, Tuple
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from jetfed import logs, stream, tls
+from jetfed import logs, serving, stream, tls
 from jetfed.auth import CallerAuthorization, add_token_argument, read_token, service_methods
 from jetfed.errors import JetfedError
 from jetfed.models import DEFAULT_MODEL, model_names
@@ -55,6 +56,22 @@ def server_security(
             return None, []
     guard = CallerAuthorization(service_methods(service), {"coordinator"}, token)
     return (files.server_credentials() if files else None), [guard]
+
+
+async def host_until_signal(
+    args: argparse.Namespace, descriptor: ServiceDescriptor, add_servicer: Callable[[grpc.aio.Server], None],
+    security: Tuple[Optional[grpc.ServerCredentials], List[grpc.aio.ServerInterceptor]], executor: Executor,
+) -> None:
+    """Serve one service (with health and reflection) until SIGTERM/SIGINT, then let the
+    torch thread go."""
+    credentials, interceptors = security
+    running = await serving.start_server(
+        [serving.Service(descriptor.full_name, add_servicer)], args.host, args.port, credentials, interceptors
+    )
+    try:
+        await serving.serve_until_signal(running, args.grace)
+    finally:
+        executor.shutdown(wait=False)
 
 
 def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> int:

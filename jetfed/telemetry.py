@@ -1,10 +1,10 @@
 """Prometheus metrics: every RPC by method and final status, weight bytes on the wire,
 and the coordinator's rounds. Each Telemetry owns its registry, so several services (or
-tests) in one process never share or collide on counters.
+tests) in one process never collide on counters.
 
-A Telemetry always exists: building one costs a registry and a dozen metric objects,
-recording one sample a lock and an addition. Without --metrics-port a service simply
-never calls `start_http`, so no code path asks "are metrics on?"."""
+A Telemetry always exists: building one costs a registry and a few metric objects,
+recording a sample a lock and an addition. Without a metrics port a service never calls
+`start_http`, and no code path asks "are metrics on?"."""
 
 from __future__ import annotations
 
@@ -17,19 +17,11 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # 1 ms (a health check on a LAN) to 10 min (a ResNet round on a board); more is +Inf.
-DURATION_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ROUND_OUTCOMES = ("completed", "failed")
 # grpcio < 1.60 answers context.code() with the core's integer, later ones with the enum.
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_FACTORIES = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
 
 
 class Telemetry:
@@ -48,16 +40,6 @@ class Telemetry:
                                  ["method"], registry=r)
         self._sent = Counter("jetfed_weight_bytes_sent", "Weight chunk bytes handed to streams",
                              ["method"], registry=r)
-        self._rounds = Counter("jetfed_rounds", "Federation rounds by outcome", ["outcome"], registry=r)
-        self._round_seconds = Histogram("jetfed_round_seconds", "Wall time of a round, training to checkpoint",
-                                        buckets=DURATION_BUCKETS, registry=r)
-        self._train_seconds = Histogram("jetfed_train_seconds", "A worker's Train call as the coordinator saw it",
-                                        ["worker"], buckets=DURATION_BUCKETS, registry=r)
-        self._evaluate_seconds = Histogram("jetfed_evaluate_seconds", "Scoring one model (an update or global)",
-                                           ["model"], buckets=DURATION_BUCKETS, registry=r)
-        self._contributing = Gauge("jetfed_workers_contributing", "Updates averaged in the last round",
-                                   registry=r)
-        self._round = Gauge("jetfed_current_round", "The round being trained", registry=r)
         self._http: Optional[Any] = None
 
     def observe_rpc(self, full_method: str, code: grpc.StatusCode, seconds: float) -> None:
@@ -82,6 +64,36 @@ class Telemetry:
     def on_bytes_sent(self, method: str) -> Callable[[int], None]:
         return self._sent.labels(method).inc
 
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics from a daemon thread; returns the bound port (`port=0` picks one).
+        Needs prometheus-client >= 0.20, the first to return the server it starts."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class RunTelemetry(Telemetry):
+    """The coordinator's metrics: a Telemetry plus the run's rounds, apart so that a
+    worker's scrape shows no current_round of 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self._rounds = Counter("jetfed_rounds", "Federation rounds by outcome", ["outcome"], registry=r)
+        self._round_seconds = Histogram("jetfed_round_seconds", "Wall time of a round, training to checkpoint",
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self._train_seconds = Histogram("jetfed_train_seconds", "A worker's Train call as the coordinator saw it",
+                                        ["worker"], buckets=DURATION_BUCKETS, registry=r)
+        self._evaluate_seconds = Histogram("jetfed_evaluate_seconds", "Scoring one model (an update or global)",
+                                           ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self._contributing = Gauge("jetfed_workers_contributing", "Updates averaged in the last round", registry=r)
+        self._round = Gauge("jetfed_current_round", "The round being trained", registry=r)
+
     def observe_round(self, seconds: float, outcome: str) -> None:
         """`outcome` is one of ROUND_OUTCOMES; anything else is a bug, not a new series."""
         if outcome not in ROUND_OUTCOMES:
@@ -100,19 +112,6 @@ class Telemetry:
 
     def set_round(self, round_number: int) -> None:
         self._round.set(round_number)
-
-    def start_http(self, host: str, port: int) -> int:
-        """Serve /metrics from a daemon thread; returns the bound port (`port=0` picks one).
-        Needs prometheus-client >= 0.20, the first to return the server it starts."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
-        return int(server.server_port)
-
-    def stop_http(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 def _status(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
@@ -164,8 +163,10 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        attribute, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
-        behaviour = self._wrap(getattr(handler, attribute), handler_call_details.method, handler.response_streaming)
+        # unary_unary .. stream_stream: the handler's attribute and grpc's factory share the name.
+        kind = "_".join("stream" if s else "unary" for s in (handler.request_streaming, handler.response_streaming))
+        behaviour = self._wrap(getattr(handler, kind), handler_call_details.method, handler.response_streaming)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(behaviour, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 

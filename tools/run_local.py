@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.config_file import load_config, worker_labels
 from jetfed.errors import JetfedError
+from jetfed.signals import cancel_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "federation.toml"
@@ -171,12 +172,8 @@ async def main_async(args: argparse.Namespace, extra: List[str]) -> int:
 
 async def run_interruptible(args: argparse.Namespace, extra: List[str]) -> int:
     """Ctrl-C or SIGTERM cancels the run; main_async's cleanup then stops the fleet."""
-    task = asyncio.ensure_future(main_async(args, extra))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
     try:
-        return await task
+        return await cancel_on_signals(main_async(args, extra))
     except asyncio.CancelledError:
         print("run-local: interrupted; every service stopped", file=sys.stderr)
         return 130

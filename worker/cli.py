@@ -7,9 +7,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from jetfed import devices, serving, stream
+from jetfed import devices, stream
 from jetfed.data import format_counts, load_mnist, parse_labels, resolve_data_dir
-from jetfed.service_cli import run_service, server_security, service_parser
+from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser
 from jetfed.training import DeviceData
 from jetfed.v1 import worker_pb2, worker_pb2_grpc
 from worker.service import WorkerService
@@ -27,7 +27,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     descriptor = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
-    credentials, interceptors = server_security(args, descriptor, f"worker {args.name} on {args.host}:{args.port}")
+    security = server_security(args, descriptor, f"worker {args.name} on {args.host}:{args.port}")
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     stream.check_chunk_size(args.chunk_bytes)
@@ -43,14 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.chunk_bytes, args.max_payload_bytes, args.receive_timeout,
     )
     service.warm_up()
-    running = await serving.start_server(
-        [serving.Service(descriptor.full_name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],
-        args.host, args.port, credentials, interceptors,
-    )
-    try:
-        await serving.serve_until_signal(running, args.grace)
-    finally:
-        executor.shutdown(wait=False)
+    await host_until_signal(args, descriptor, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server), security, executor)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import free_port
 from tests.integration.processes import (
-    HOST, START_TIMEOUT_S, WORKERS, Process, jetfed_command, start, stop, wait_serving,
+    HOST, START_TIMEOUT_S, WORKERS, Process, jetfed_command, stop, wait_serving,
 )
 
 

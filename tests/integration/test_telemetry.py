@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client.parser import text_string_to_metric_families
 
-from jetfed.telemetry import RpcMetricsInterceptor, Telemetry
+from jetfed.telemetry import RpcMetricsInterceptor, RunTelemetry, Telemetry
 
 ECHO = "jetfed.test.Echo"
 HEALTH = "grpc.health.v1.Health"
@@ -155,7 +155,7 @@ def test_every_handler_kind_is_counted_by_its_final_status() -> None:
 
 
 def test_weights_and_rounds_reach_the_endpoint_of_their_own_registry() -> None:
-    telemetry, other = Telemetry(), Telemetry()
+    telemetry, other = RunTelemetry(), Telemetry()
     telemetry.add_bytes_received("Train", 1000)
     telemetry.on_bytes_received("Train")(24)
     telemetry.add_bytes_sent("Evaluate", 7)
@@ -191,3 +191,4 @@ def test_weights_and_rounds_reach_the_endpoint_of_their_own_registry() -> None:
     assert value(samples, "jetfed_workers_contributing") == 3
     assert value(samples, "jetfed_current_round") == 7
     assert value(other_samples, "jetfed_weight_bytes_received_total", method="Train") == 1
+    assert not [name for name, _ in other_samples if "round" in name], "a service's scrape shows no run metrics"

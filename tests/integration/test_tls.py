@@ -18,7 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 from jetfed import certs, tls
 from jetfed.auth import CallerAuthorization, await_admission, bearer_metadata, read_token, service_methods
 from jetfed.errors import InvalidConfig
-from jetfed.v1 import info_pb2, training_pb2, worker_pb2, worker_pb2_grpc
+from jetfed.v1 import info_pb2, worker_pb2, worker_pb2_grpc
 
 TOKEN = "s3cret-token-for-the-tests"
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from jetfed.codec import Manifest, TensorInfo, check_manifest, decode, encode, require_finite, spec_of
+from jetfed.codec import TensorInfo, check_manifest, decode, encode, require_finite, spec_of
 from jetfed.errors import CorruptPayload, ManifestMismatch, NonFiniteWeights
 
 
