@@ -40,6 +40,7 @@ DEFAULTS = {
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": stream.DEFAULT_MAX_PAYLOAD_BYTES,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
     "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO", "status_address": None,
+    "metrics_address": None,
 }
 
 
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-backoff", "longest wait in seconds before a failed worker is asked again", type=float)
     flag("--status-address", "serve jetfed.v1.Coordinator (GetStatus, WatchStatus) here, e.g. 127.0.0.1:8781",
          metavar="HOST:PORT")
+    flag("--metrics-address", "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9781",
+         metavar="HOST:PORT")
     flag("--resume", "continue the run in --out from its last checkpoint", action="store_true")
     flag("--log-level")
     tls.add_tls_arguments(p)
@@ -119,7 +122,7 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],
         connect_timeout=values["connect_timeout"], min_workers=values["min_workers"],
         round_retries=values["round_retries"], max_backoff=values["max_backoff"], resume=values["resume"],
-        status_address=values["status_address"],
+        status_address=values["status_address"], metrics_address=values["metrics_address"],
         tls=tls.TlsFiles.from_flags(values.get("tls_cert"), values.get("tls_key"), values.get("tls_ca")),
         token=read_token(values.get("token_file")),
     ).validated()

@@ -4,7 +4,7 @@ round loop sees plain objects."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import grpc
 
@@ -14,6 +14,7 @@ from jetfed.codec import Manifest, StateDict, TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.errors import BadStream
 from jetfed.serving import CHANNEL_OPTIONS
+from jetfed.telemetry import Telemetry
 
 # A worker that reboots is reconnected within seconds, not after gRPC's default
 # backoff of up to two minutes.
@@ -92,11 +93,13 @@ def _score(response: evaluation_pb2.EvaluateResponse) -> Score:
     return Score(response.correct, response.total, response.loss, tuple(response.predicted_counts))
 
 
-def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int):
+def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int, on_bytes: Callable[[int], None]):
     head = evaluation_pb2.EvaluateRequest(
         header=evaluation_pb2.EvaluateHeader(tag=tag, manifest=wire.manifest_to_proto(weights.manifest))
     )
-    return wire.weight_messages(head, weights.payload, chunk_bytes, lambda c: evaluation_pb2.EvaluateRequest(chunk=c))
+    return wire.weight_messages(
+        head, weights.payload, chunk_bytes, lambda c: evaluation_pb2.EvaluateRequest(chunk=c), on_bytes
+    )
 
 
 class WorkerClient:
@@ -104,6 +107,7 @@ class WorkerClient:
         self, name: str, address: str, model: str, spec: Tuple[TensorInfo, ...],
         chunk_bytes: int, max_payload_bytes: int,
         credentials: Optional[grpc.ChannelCredentials] = None, metadata: Metadata = (),
+        telemetry: Optional[Telemetry] = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -111,6 +115,7 @@ class WorkerClient:
         self._spec = spec
         self._chunk_bytes = chunk_bytes
         self._max_payload_bytes = max_payload_bytes
+        self._telemetry = telemetry or Telemetry()
         self._metadata = metadata
         self._guarded = credentials is not None or bool(metadata)
         self._channel = _channel(address, credentials)
@@ -128,7 +133,10 @@ class WorkerClient:
             )
         )
         call = self._stub.Train(timeout=timeout, metadata=self._metadata)
-        messages = wire.weight_messages(head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c))
+        messages = wire.weight_messages(
+            head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c),
+            self._telemetry.on_bytes_sent("Train"),
+        )
         await _send(call, messages, self._guarded)
 
         def check_result(result: worker_pb2.TrainResult) -> None:
@@ -137,7 +145,8 @@ class WorkerClient:
             codec.check_manifest(wire.manifest_from_proto(result.manifest), self._model, self._spec)
 
         result, payload = await wire.read_weight_stream(
-            call, "result", self._max_payload_bytes, check_head=check_result
+            call, "result", self._max_payload_bytes, check_head=check_result,
+            on_bytes=self._telemetry.on_bytes_received("Train"),
         )
         manifest = wire.manifest_from_proto(result.manifest)
         state = codec.decode(manifest, payload)
@@ -155,9 +164,11 @@ class EvaluatorClient:
     def __init__(
         self, address: str, chunk_bytes: int,
         credentials: Optional[grpc.ChannelCredentials] = None, metadata: Metadata = (),
+        telemetry: Optional[Telemetry] = None,
     ) -> None:
         self.address = address
         self._chunk_bytes = chunk_bytes
+        self._telemetry = telemetry or Telemetry()
         self._metadata = metadata
         self._guarded = credentials is not None or bool(metadata)
         self._channel = _channel(address, credentials)
@@ -168,7 +179,8 @@ class EvaluatorClient:
 
     async def evaluate(self, tag: str, weights: Weights, timeout: float) -> Score:
         call = self._stub.Evaluate(timeout=timeout, metadata=self._metadata)
-        await _send(call, _evaluate_messages(tag, weights, self._chunk_bytes), self._guarded)
+        messages = _evaluate_messages(tag, weights, self._chunk_bytes, self._telemetry.on_bytes_sent("Evaluate"))
+        await _send(call, messages, self._guarded)
         return _score(await call)
 
     async def close(self) -> None:

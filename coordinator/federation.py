@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional
 
@@ -21,8 +22,10 @@ from coordinator.roster import Roster
 from coordinator.settings import RunSettings
 from jetfed import codec, tls
 from jetfed.auth import bearer_metadata
+from jetfed.config import TrainConfig
 from jetfed.errors import JetfedError
 from jetfed.models import build_model
+from jetfed.telemetry import RunTelemetry
 from jetfed.v1 import info_pb2
 
 log = logging.getLogger(__name__)
@@ -54,9 +57,13 @@ def describe_failure(exc: BaseException) -> str:
 
 
 class Federation:
-    def __init__(self, settings: RunSettings, say: Say = print, board: Optional[RunBoard] = None) -> None:
+    def __init__(
+        self, settings: RunSettings, say: Say = print, board: Optional[RunBoard] = None,
+        telemetry: Optional[RunTelemetry] = None,
+    ) -> None:
         self.settings = settings
         self._say = say
+        self.telemetry = telemetry or RunTelemetry()
         torch.manual_seed(settings.train.seed)
         initial = build_model(settings.model).state_dict()
         self._spec = codec.spec_of(initial)
@@ -68,14 +75,15 @@ class Federation:
         self.workers = {
             name: WorkerClient(
                 name, address, settings.model, self._spec, settings.chunk_bytes, settings.max_payload_bytes,
-                credentials, metadata,
+                credentials, metadata, self.telemetry,
             )
             for name, address in settings.workers.items()
         }
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
         self.board = board or RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
         self.evaluator = (
-            EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, metadata) if settings.evaluator else None
+            EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, metadata, self.telemetry)
+            if settings.evaluator else None
         )
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
         self._updates: List[Update] = []
@@ -121,10 +129,7 @@ class Federation:
         settings = self.settings
         config = replace(settings.train, lr=settings.lr_for(round_number))
         self.board.start_round(round_number, names)
-        results = await asyncio.gather(
-            *(self.workers[n].train(round_number, config, self.global_weights, settings.round_timeout) for n in names),
-            return_exceptions=True,
-        )
+        results = await asyncio.gather(*(self._train(n, round_number, config) for n in names), return_exceptions=True)
         updates = []
         for name, result in zip(names, results):
             if isinstance(result, Update):
@@ -143,6 +148,14 @@ class Federation:
             self.board.worker_failed(name, reason)
             log.warning("round=%d worker=%s status=%s retry_in=%.1fs", round_number, name, reason, delay)
         return updates
+
+    async def _train(self, name: str, round_number: int, config: TrainConfig) -> Update:
+        """One worker's Train, timed as the coordinator sees it (both transfers included);
+        a failed call is not a training time."""
+        started = time.perf_counter()
+        update = await self.workers[name].train(round_number, config, self.global_weights, self.settings.round_timeout)
+        self.telemetry.observe_train(name, time.perf_counter() - started)
+        return update
 
     async def train_round(self, round_number: int) -> Dict[str, Any]:
         """One round: every due worker trains; the updates that arrive within the round's
@@ -198,7 +211,7 @@ class Federation:
         tagged.append(("global", "Federated model", self.global_weights))
         groups = await self._label_groups()
         self._say("Evaluating models")
-        scores = await asyncio.gather(*(self.evaluator.evaluate(key, w, timeout) for key, _, w in tagged))
+        scores = await asyncio.gather(*(self._evaluate(key, w, timeout) for key, _, w in tagged))
         for (_, who, _), score in zip(tagged, scores):
             self._say(report.share_line(who, score, groups))
             self._say(report.score_line(who, score))
@@ -206,6 +219,13 @@ class Federation:
             (key, s.accuracy, s.loss, s.correct, s.total) for (key, _, _), s in zip(tagged, scores)
         ])
         return {key: score for (key, _, _), score in zip(tagged, scores)}
+
+    async def _evaluate(self, key: str, weights: Weights, timeout: float) -> Score:
+        assert self.evaluator is not None
+        started = time.perf_counter()
+        score = await self.evaluator.evaluate(key, weights, timeout)
+        self.telemetry.observe_evaluate(key, time.perf_counter() - started)
+        return score
 
     async def close(self) -> None:
         for worker in self.workers.values():

@@ -21,6 +21,7 @@ from coordinator.settings import RunSettings
 from coordinator.status_service import CoordinatorStatusService
 from jetfed import serving
 from jetfed.errors import JetfedError
+from jetfed.telemetry import RpcMetricsInterceptor, RunTelemetry, Telemetry
 from jetfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -71,28 +72,41 @@ async def _serve_status(settings: RunSettings, federation: Federation) -> Option
     name = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
     return await serving.start_server(
         [serving.Service(name, lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server))],
-        host, int(port),
+        host, int(port), interceptors=[RpcMetricsInterceptor(federation.telemetry)],
     )
 
 
-async def run(settings: RunSettings, say: Say = print, live: bool = False) -> RunSummary:
-    """`live` draws progress in the terminal; the reference lines print above it."""
+def _serve_metrics(settings: RunSettings, telemetry: Telemetry) -> None:
+    if not settings.metrics_address:
+        return
+    host, _, port = settings.metrics_address.rpartition(":")
+    bound = telemetry.start_http(host, int(port))
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+
+
+async def run(
+    settings: RunSettings, say: Say = print, live: bool = False, telemetry: Optional[RunTelemetry] = None,
+) -> RunSummary:
+    """`live` draws progress in the terminal; the reference lines print above it.
+    `telemetry` records the run (a fresh one by default), served at --metrics-address."""
     board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
+    telemetry = telemetry or RunTelemetry()
     if not live:
-        return await _run(settings, board, say)
+        return await _run(settings, board, say, telemetry)
     async with Progress(board) as progress:
-        return await _run(settings, board, progress.say)
+        return await _run(settings, board, progress.say, telemetry)
 
 
-async def _run(settings: RunSettings, board: RunBoard, say: Say) -> RunSummary:
+async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunTelemetry) -> RunSummary:
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    federation = Federation(settings, say, board)
+    federation = Federation(settings, say, board, telemetry)
     first = _prepare(settings, federation, say)
     board.first_round = first
     metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
     model_path = settings.out_dir / "model.safetensors"
     train_total = eval_total = 0.0
     final: Optional[Score] = None
+    _serve_metrics(settings, telemetry)
     status_server = await _serve_status(settings, federation)
     try:
         started = time.perf_counter()
@@ -100,8 +114,14 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say) -> RunSummary:
         connect_seconds = time.perf_counter() - started
         for round_number in range(first, settings.rounds + 1):
             say(f"Training round {round_number}/{settings.rounds}")
+            telemetry.set_round(round_number)
             round_started = time.perf_counter()
-            record = await federation.train_round(round_number)
+            try:
+                record = await federation.train_round(round_number)
+            except RunFailed:
+                telemetry.observe_round(time.perf_counter() - round_started, "failed")
+                raise
+            telemetry.set_workers_contributing(len(record["workers"]))
             record["train_s"] = time.perf_counter() - round_started
             train_total += record["train_s"]
             if federation.evaluator and settings.evaluates(round_number):
@@ -116,6 +136,7 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say) -> RunSummary:
                 record["eval_s"] = time.perf_counter() - eval_started
                 eval_total += record["eval_s"]
             record["duration_s"] = time.perf_counter() - round_started
+            telemetry.observe_round(record["duration_s"], "completed")
             board.end_round(record["duration_s"])
             log.info("round=%d/%d workers=%d/%d duration=%.2fs elapsed=%.1fs eta=%.1fs", round_number, settings.rounds,
                      len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
@@ -132,4 +153,5 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say) -> RunSummary:
         await federation.close()
         if status_server is not None:
             await status_server.stop(grace=1.0)
+        telemetry.stop_http()
     return RunSummary(settings.rounds, final, connect_seconds, train_total, eval_total, model_path)

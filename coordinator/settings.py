@@ -38,6 +38,7 @@ class RunSettings:
     max_backoff: float = 30.0
     resume: bool = False
     status_address: Optional[str] = None
+    metrics_address: Optional[str] = None
     # Mutual TLS towards the fleet (the coordinator's certificate), or None: plaintext.
     tls: Optional[TlsFiles] = None
     # The shared bearer token for services without TLS; kept out of repr and logs.
@@ -71,8 +72,9 @@ class RunSettings:
         ):
             if not (math.isfinite(value) and value > 0):
                 raise InvalidConfig(f"{name}: {value} must be a positive number of seconds")
-        if self.status_address is not None and not self.status_address.rpartition(":")[2].isdigit():
-            raise InvalidConfig(f"status_address: {self.status_address!r} is not HOST:PORT")
+        for name, address in (("status_address", self.status_address), ("metrics_address", self.metrics_address)):
+            if address is not None and not address.rpartition(":")[2].isdigit():
+                raise InvalidConfig(f"{name}: {address!r} is not HOST:PORT")
         stream.check_chunk_size(self.chunk_bytes)
         build_model(self.model)
         self.train.validated()

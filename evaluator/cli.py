@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from jetfed import devices
 from jetfed.data import format_counts, load_mnist, resolve_data_dir
-from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser
+from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser, start_telemetry
 from jetfed.scoring import Scorer
 from jetfed.training import DeviceData
 from jetfed.v1 import evaluator_pb2, evaluator_pb2_grpc
@@ -36,13 +36,17 @@ async def serve(args: argparse.Namespace) -> None:
     label = devices.describe(device)
     log.info("evaluator=%s device=%s model=%s", args.name, label, args.model)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    telemetry = start_telemetry(args)
     scorer = Scorer(
         args.model, DeviceData.from_images(data, device), label, executor, args.max_payload_bytes,
-        args.batch_size, args.receive_timeout,
+        args.batch_size, args.receive_timeout, telemetry,
     )
     scorer.warm_up()
     service = EvaluatorService(args.name, scorer, counts, label)
-    await host_until_signal(args, descriptor, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server), security, executor)
+    await host_until_signal(
+        args, descriptor, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server),
+        security, executor, telemetry,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

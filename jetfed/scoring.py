@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from jetfed import codec, wire
 from jetfed.errors import InvalidConfig
 from jetfed.models import NUM_CLASSES, build_model
+from jetfed.telemetry import Telemetry
 from jetfed.training import DeviceData, Evaluation, evaluate
 from jetfed.v1 import evaluation_pb2
 
@@ -26,6 +27,7 @@ class Scorer:
     def __init__(
         self, model_name: str, data: DeviceData, device_label: str, executor: Executor,
         max_payload_bytes: int, batch_size: int = 500, receive_timeout: float = 120.0,
+        telemetry: Optional[Telemetry] = None,
     ) -> None:
         self.model_name = model_name
         self._model = build_model(model_name).to(data.labels.device)
@@ -37,10 +39,12 @@ class Scorer:
         self._batch_size = batch_size
         self._receive_timeout = receive_timeout
         self._lock = asyncio.Lock()
+        self._telemetry = telemetry or Telemetry()
 
     async def score(self, requests: AsyncIterator[Any]) -> evaluation_pb2.EvaluateResponse:
         head, payload = await wire.read_weight_stream(
-            requests, "header", self._max_payload_bytes, self._receive_timeout, self._check_header
+            requests, "header", self._max_payload_bytes, self._receive_timeout, self._check_header,
+            self._telemetry.on_bytes_received("Evaluate"),
         )
         state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
         codec.require_finite(state)

@@ -16,6 +16,7 @@ from jetfed import logs, serving, stream, tls
 from jetfed.auth import CallerAuthorization, add_token_argument, read_token, service_methods
 from jetfed.errors import JetfedError
 from jetfed.models import DEFAULT_MODEL, model_names
+from jetfed.telemetry import RpcMetricsInterceptor, Telemetry
 
 
 def service_parser(prog: str, description: str, default_port: int) -> argparse.ArgumentParser:
@@ -36,6 +37,10 @@ def service_parser(prog: str, description: str, default_port: int) -> argparse.A
         help="seconds a client may take to stream a model before the call is dropped",
     )
     parser.add_argument("--grace", type=float, default=5.0, help="seconds RPCs in flight get on shutdown")
+    parser.add_argument(
+        "--metrics-port", type=int,
+        help="serve Prometheus metrics on --host at this port, path /metrics (default: none); 0 picks a free one",
+    )
     parser.add_argument("--log-level", default="INFO")
     tls.add_tls_arguments(parser)
     add_token_argument(parser)
@@ -58,20 +63,32 @@ def server_security(
     return (files.server_credentials() if files else None), [guard]
 
 
+def start_telemetry(args: argparse.Namespace) -> Telemetry:
+    """The service's metrics, always recorded; scrapeable only when --metrics-port is given."""
+    telemetry = Telemetry()
+    if args.metrics_port is not None:
+        port = telemetry.start_http(args.host, args.metrics_port)
+        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", args.host, port)
+    return telemetry
+
+
 async def host_until_signal(
     args: argparse.Namespace, descriptor: ServiceDescriptor, add_servicer: Callable[[grpc.aio.Server], None],
     security: Tuple[Optional[grpc.ServerCredentials], List[grpc.aio.ServerInterceptor]], executor: Executor,
+    telemetry: Telemetry,
 ) -> None:
     """Serve one service (with health and reflection) until SIGTERM/SIGINT, then let the
-    torch thread go."""
+    torch thread go. Metrics come first among the interceptors, so refused calls count."""
     credentials, interceptors = security
     running = await serving.start_server(
-        [serving.Service(descriptor.full_name, add_servicer)], args.host, args.port, credentials, interceptors
+        [serving.Service(descriptor.full_name, add_servicer)], args.host, args.port, credentials,
+        [RpcMetricsInterceptor(telemetry), *interceptors],
     )
     try:
         await serving.serve_until_signal(running, args.grace)
     finally:
         executor.shutdown(wait=False)
+        telemetry.stop_http()
 
 
 def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> int:

@@ -117,8 +117,7 @@ class RunTelemetry(Telemetry):
 def _status(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
     """The code the servicer set or aborted with; `default` if none (a sync context has no code())."""
     code = getattr(context, "code", lambda: None)()
-    if isinstance(code, int):
-        code = _CODES.get(code)
+    code = _CODES.get(code) if isinstance(code, int) else code
     return code if isinstance(code, grpc.StatusCode) else default
 
 

@@ -76,32 +76,39 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
 
 
 def weight_messages(
-    head: M, payload: bytes, chunk_bytes: int, wrap_chunk: Callable[[weights_pb2.WeightChunk], M]
+    head: M, payload: bytes, chunk_bytes: int, wrap_chunk: Callable[[weights_pb2.WeightChunk], M],
+    on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Iterator[M]:
-    """The header message, then the payload as ordered chunks."""
+    """The header message, then the payload as ordered chunks; `on_bytes` learns each
+    chunk's size as gRPC takes it (so a call cut short counts only what left)."""
     yield head
     for offset, data in stream.split(payload, chunk_bytes):
+        on_bytes(len(data))
         yield wrap_chunk(weights_pb2.WeightChunk(offset=offset, data=data))
 
 
 async def read_weight_stream(
     messages: AsyncIterator[Any], head_field: str, max_bytes: int, timeout: Optional[float] = None,
-    check_head: Callable[[Any], None] = lambda head: None,
+    check_head: Callable[[Any], None] = lambda head: None, on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Tuple[Any, bytes]:
     """Read a header-then-chunks stream; returns the header and the assembled payload.
 
     `check_head` (which may raise) and the size limit judge the header before any chunk
     is buffered, so a wrong model or an oversized stream costs the receiver nothing; a
-    stream that takes longer than `timeout` seconds is abandoned.
+    stream that takes longer than `timeout` seconds is abandoned. `on_bytes` learns each
+    chunk's size as it arrives.
     """
     try:
-        return await asyncio.wait_for(_read_weight_stream(messages, head_field, max_bytes, check_head), timeout)
+        return await asyncio.wait_for(
+            _read_weight_stream(messages, head_field, max_bytes, check_head, on_bytes), timeout
+        )
     except asyncio.TimeoutError:
         raise StreamStalled(f"{head_field}: the weight stream did not complete within {timeout:.0f}s") from None
 
 
 async def _read_weight_stream(
-    messages: AsyncIterator[Any], head_field: str, max_bytes: int, check_head: Callable[[Any], None]
+    messages: AsyncIterator[Any], head_field: str, max_bytes: int, check_head: Callable[[Any], None],
+    on_bytes: Callable[[int], None],
 ) -> Tuple[Any, bytes]:
     head = None
     assembler = None
@@ -121,6 +128,7 @@ async def _read_weight_stream(
                     pass
                 raise
         elif kind == "chunk":
+            on_bytes(len(message.chunk.data))
             assembler.add(message.chunk.offset, message.chunk.data)
         else:
             raise BadStream(f"{kind}: only chunks may follow the {head_field}")

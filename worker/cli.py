@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from jetfed import devices, stream
 from jetfed.data import format_counts, load_mnist, parse_labels, resolve_data_dir
-from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser
+from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser, start_telemetry
 from jetfed.training import DeviceData
 from jetfed.v1 import worker_pb2, worker_pb2_grpc
 from worker.service import WorkerService
@@ -38,12 +38,16 @@ async def serve(args: argparse.Namespace) -> None:
     label = devices.describe(device)
     log.info("worker=%s device=%s model=%s", args.name, label, args.model)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    telemetry = start_telemetry(args)
     service = WorkerService(
         args.name, args.model, DeviceData.from_images(data, device), counts, label, executor,
-        args.chunk_bytes, args.max_payload_bytes, args.receive_timeout,
+        args.chunk_bytes, args.max_payload_bytes, args.receive_timeout, telemetry,
     )
     service.warm_up()
-    await host_until_signal(args, descriptor, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server), security, executor)
+    await host_until_signal(
+        args, descriptor, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
+        security, executor, telemetry,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import grpc
 
@@ -15,6 +15,7 @@ from jetfed.info import service_info
 from jetfed.models import build_model
 from jetfed.scoring import Scorer
 from jetfed.status import rpc_status
+from jetfed.telemetry import Telemetry
 from jetfed.training import DeviceData, TrainOutcome, derive_seed, train_round
 from jetfed.v1 import evaluation_pb2, info_pb2, worker_pb2, worker_pb2_grpc
 
@@ -32,7 +33,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(
         self, name: str, model_name: str, data: DeviceData, label_counts: list,
         device_label: str, executor: Executor, chunk_bytes: int, max_payload_bytes: int,
-        receive_timeout: float = 120.0,
+        receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
     ) -> None:
         self._name = name
         self._model_name = model_name
@@ -47,8 +48,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._receive_timeout = receive_timeout
         self._training = asyncio.Lock()
         self._training_round = 0
+        self._telemetry = telemetry or Telemetry()
         self._scorer = Scorer(model_name, data, device_label, executor, max_payload_bytes,
-                              receive_timeout=receive_timeout)
+                              receive_timeout=receive_timeout, telemetry=self._telemetry)
 
     async def GetInfo(self, request: info_pb2.GetInfoRequest, context: grpc.aio.ServicerContext) -> info_pb2.GetInfoResponse:
         return service_info(self._name, "worker", self._device_label, self._model_name, self._label_counts)
@@ -64,7 +66,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         async with self._training, rpc_status(context, "Train"):
             head, payload = await wire.read_weight_stream(
-                request_iterator, "header", self._max_payload_bytes, self._receive_timeout, self._check_header
+                request_iterator, "header", self._max_payload_bytes, self._receive_timeout, self._check_header,
+                self._telemetry.on_bytes_received("Train"),
             )
             config = wire.config_from_proto(head.config)
             state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
@@ -86,7 +89,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             for message in wire.weight_messages(
                 worker_pb2.TrainResponse(result=result), result_payload, self._chunk_bytes,
-                lambda chunk: worker_pb2.TrainResponse(chunk=chunk),
+                lambda chunk: worker_pb2.TrainResponse(chunk=chunk), self._telemetry.on_bytes_sent("Train"),
             ):
                 yield message
 

@@ -6,15 +6,29 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, AsyncIterator, Dict, FrozenSet, Tuple
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.clients import Weights
+from coordinator.runner import run
+from coordinator.settings import RunSettings
+from jetfed import serving, stream
+from jetfed.config import TrainConfig
+from jetfed.data import LabeledImages, load_mnist
+from jetfed.models import build_model
 from jetfed.telemetry import RpcMetricsInterceptor, RunTelemetry, Telemetry
+from jetfed.training import DeviceData
+from jetfed.v1 import worker_pb2, worker_pb2_grpc
+from tests.integration.services import evaluator_server
+from worker.service import WorkerService
 
 ECHO = "jetfed.test.Echo"
 HEALTH = "grpc.health.v1.Health"
@@ -192,3 +206,57 @@ def test_weights_and_rounds_reach_the_endpoint_of_their_own_registry() -> None:
     assert value(samples, "jetfed_current_round") == 7
     assert value(other_samples, "jetfed_weight_bytes_received_total", method="Train") == 1
     assert not [name for name, _ in other_samples if "round" in name], "a service's scrape shows no run metrics"
+
+
+async def measured_run(images: LabeledImages, out_dir: Path) -> Tuple[Samples, Samples]:
+    """One round with evaluation: a worker served the way worker.cli serves it, an evaluator,
+    the coordinator's run; the scrapes of the worker's and the coordinator's metrics."""
+    worker_telemetry, coordinator_telemetry = Telemetry(), RunTelemetry()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    service = WorkerService("alice", "mnist-cnn", DeviceData.from_images(images, torch.device("cpu")),
+                            images.label_counts(), "cpu", executor, stream.DEFAULT_CHUNK_BYTES,
+                            stream.DEFAULT_MAX_PAYLOAD_BYTES, telemetry=worker_telemetry)
+    name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+    worker = await serving.start_server(
+        [serving.Service(name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],
+        "127.0.0.1", 0, interceptors=[RpcMetricsInterceptor(worker_telemetry)],
+    )
+    try:
+        async with evaluator_server(images) as evaluator:
+            settings = RunSettings(
+                workers={"alice": f"127.0.0.1:{worker.port}"}, evaluator=evaluator, out_dir=out_dir, rounds=1,
+                train=TrainConfig(batch_size=16, max_batches=2), connect_timeout=10.0,
+            ).validated()
+            await run(settings, say=lambda line: None, telemetry=coordinator_telemetry)
+    finally:
+        await worker.stop(0)
+        executor.shutdown()
+    samples = []
+    for telemetry in (worker_telemetry, coordinator_telemetry):
+        port = telemetry.start_http("127.0.0.1", 0)
+        try:
+            samples.append(scrape(port))
+        finally:
+            telemetry.stop_http()
+    return samples[0], samples[1]
+
+
+def test_a_round_is_measured_at_both_ends(tiny_mnist: Path, tmp_path: Path) -> None:
+    images = load_mnist(tiny_mnist, "train", download=False)
+    worker, coordinator = asyncio.run(measured_run(images, tmp_path))
+    payload = len(Weights.of(build_model("mnist-cnn").state_dict(), "mnist-cnn").payload)
+
+    assert rpcs(worker, "jetfed.v1.Worker", "Train", "OK") == 1
+    assert rpcs(worker, "jetfed.v1.Worker", "GetInfo", "OK") == 1
+    assert value(worker, "jetfed_weight_bytes_received_total", method="Train") == payload
+    assert value(worker, "jetfed_weight_bytes_sent_total", method="Train") == payload
+    assert value(coordinator, "jetfed_weight_bytes_sent_total", method="Train") == payload
+    assert value(coordinator, "jetfed_weight_bytes_received_total", method="Train") == payload
+    assert value(coordinator, "jetfed_weight_bytes_sent_total", method="Evaluate") == 2 * payload
+    assert value(coordinator, "jetfed_rounds_total", outcome="completed") == 1
+    assert value(coordinator, "jetfed_round_seconds_count") == 1
+    assert value(coordinator, "jetfed_current_round") == 1
+    assert value(coordinator, "jetfed_workers_contributing") == 1
+    assert value(coordinator, "jetfed_train_seconds_count", worker="alice") == 1
+    assert value(coordinator, "jetfed_evaluate_seconds_count", model="alice") == 1
+    assert value(coordinator, "jetfed_evaluate_seconds_count", model="global") == 1
