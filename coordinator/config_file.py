@@ -16,7 +16,8 @@ else:  # JetPack's Python 3.8/3.10
     import tomli as tomllib
 
 _SECTIONS: Dict[str, Dict[str, type]] = {
-    "federation": {"rounds": int, "eval_every": int, "model": str, "seed": int, "out": str, "status_address": str},
+    "federation": {"rounds": int, "eval_every": int, "model": str, "seed": int, "out": str, "status_address": str,
+                   "metrics_address": str},
     "training": {
         "optimizer": str, "lr": float, "lr_decay": float, "lr_min_factor": float, "momentum": float,
         "batch_size": int, "batches": int, "epochs": int, "weighting": str,
