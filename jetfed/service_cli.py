@@ -12,7 +12,7 @@ from typing import Awaitable, Callable, List, Optional, Tuple
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from jetfed import logs, serving, stream, tls
+from jetfed import logs, readiness, serving, stream, tls
 from jetfed.auth import CallerAuthorization, add_token_argument, read_token, service_methods
 from jetfed.errors import JetfedError
 from jetfed.models import DEFAULT_MODEL, model_names
@@ -78,12 +78,13 @@ async def host_until_signal(
     telemetry: Telemetry,
 ) -> None:
     """Serve one service (with health and reflection) until SIGTERM/SIGINT, then let the
-    torch thread go. Metrics come first among the interceptors, so refused calls count."""
+    torch thread go. systemd hears READY=1 once the port serves (Type=notify units). Metrics come first among the interceptors, so refused calls count."""
     credentials, interceptors = security
     running = await serving.start_server(
         [serving.Service(descriptor.full_name, add_servicer)], args.host, args.port, credentials,
         [RpcMetricsInterceptor(telemetry), *interceptors],
     )
+    readiness.notify("READY=1")
     try:
         await serving.serve_until_signal(running, args.grace)
     finally:

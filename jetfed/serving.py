@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from jetfed import readiness
 from jetfed.stream import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -88,5 +89,6 @@ async def serve_until_signal(running: RunningServer, grace: float, stop: Optiona
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: grace=%.1fs", grace)
+    readiness.notify("STOPPING=1")
     await running.stop(grace)
     log.info("stopped")
