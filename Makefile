@@ -40,7 +40,7 @@ test: install
 	JETFED_DATA_DIR=$(DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
 run-local: install
-	$(PY) tools/run_local.py --config $(CONFIG) --data-dir $(DATA) --out $(OUT) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SEED),--seed $(SEED))
+	$(PY) tools/run_local.py --config $(CONFIG) --data-dir $(DATA) --out $(OUT) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SEED),--seed $(SEED)) $(if $(TLS),--tls)
 
 # Speed and accuracy goals live here, not in timed tests.
 bench: install

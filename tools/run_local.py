@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +28,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.config_file import load_config, worker_labels
 from jetfed.errors import JetfedError
 from jetfed.signals import cancel_on_signals
+from jetfed.tls import channel_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "federation.toml"
+COORDINATOR = "coordinator"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluator")
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--start-timeout", type=float, default=120.0)
+    parser.add_argument("--tls", action="store_true",
+                        help="provision a CA and certificates into OUT/pki and run everything over mutual TLS")
     return parser.parse_args(argv), extra
 
 
@@ -113,9 +118,35 @@ class Fleet:
                 await proc.wait()
 
 
-async def wait_serving(name: str, address: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
+def provision(pki: Path, workers: List[Endpoint], evaluator: Endpoint) -> None:
+    """A private CA and one certificate per node, as an operator would with `jetfed certs`."""
+    args = [sys.executable, "-m", "jetfed.cli", "certs", "--out", str(pki), "--coordinator", COORDINATOR,
+            "--evaluator", f"{evaluator.name}={evaluator.host}"]
+    args += [arg for w in workers for arg in ("--worker", f"{w.name}={w.host}")]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+
+
+def tls_flags(pki: Optional[Path], node: str) -> List[str]:
+    if pki is None:
+        return []
+    folder = pki / node
+    return ["--tls-cert", str(folder / f"{node}.crt"), "--tls-key", str(folder / f"{node}.key"),
+            "--tls-ca", str(folder / "ca.crt")]
+
+
+def health_channel(address: str, pki: Optional[Path]) -> grpc.aio.Channel:
+    if pki is None:
+        return grpc.aio.insecure_channel(address)
+    folder = pki / COORDINATOR
+    credentials = channel_credentials(folder / "ca.crt", folder / f"{COORDINATOR}.crt", folder / f"{COORDINATOR}.key")
+    return grpc.aio.secure_channel(address, credentials)
+
+
+async def wait_serving(
+    name: str, address: str, proc: asyncio.subprocess.Process, timeout: float, pki: Optional[Path]
+) -> None:
     """Wait for SERVING on the health service, failing fast if the process exits."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with health_channel(address, pki) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         check = asyncio.ensure_future(stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=timeout))
         died = asyncio.ensure_future(proc.wait())
@@ -138,21 +169,26 @@ async def main_async(args: argparse.Namespace, extra: List[str]) -> int:
     started = time.perf_counter()
     try:
         workers, evaluator = endpoints(args.config, args.base_port, args.host)
+        pki = args.out / "pki" if args.tls else None
+        if pki is not None:
+            provision(pki, workers, evaluator)
         waits = []
         for worker in workers:
             proc = await fleet.start(worker.name, [
                 *jetfed, "worker", "--name", worker.name, "--host", worker.host, "--port", str(worker.port),
-                "--labels", worker.labels, "--threads", str(args.threads), *common], logs / f"{worker.name}.log")
-            waits.append(wait_serving(worker.name, worker.address, proc, args.start_timeout))
+                "--labels", worker.labels, "--threads", str(args.threads), *common, *tls_flags(pki, worker.name)],
+                logs / f"{worker.name}.log")
+            waits.append(wait_serving(worker.name, worker.address, proc, args.start_timeout, pki))
         proc = await fleet.start(evaluator.name, [
             *jetfed, "evaluator", "--name", evaluator.name, "--host", evaluator.host, "--port", str(evaluator.port),
-            "--threads", str(args.eval_threads), *common], logs / f"{evaluator.name}.log")
-        waits.append(wait_serving(evaluator.name, evaluator.address, proc, args.start_timeout))
+            "--threads", str(args.eval_threads), *common, *tls_flags(pki, evaluator.name)],
+            logs / f"{evaluator.name}.log")
+        waits.append(wait_serving(evaluator.name, evaluator.address, proc, args.start_timeout, pki))
         await asyncio.gather(*waits)
         print(f"run-local: {len(waits)} services SERVING after {time.perf_counter() - started:.1f}s; logs in {logs}", flush=True)
         coordinator = [*jetfed, "coordinator", "--config", str(args.config), "--out", str(args.out), "--model", args.model,
                        *[f"--worker={w.name}={w.address}" for w in workers],
-                       f"--evaluator={evaluator.name}={evaluator.address}"]
+                       f"--evaluator={evaluator.name}={evaluator.address}", *tls_flags(pki, COORDINATOR)]
         if args.base_port:
             coordinator += ["--status-address", f"{evaluator.host}:{evaluator.port + 1}"]
         if args.rounds is not None:

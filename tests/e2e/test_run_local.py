@@ -81,3 +81,19 @@ def test_interrupt_stops_every_service(real_mnist: Path, tmp_path: Path) -> None
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert all(nothing_listens(base + i) for i in range(5)), "a service outlived an interrupted run-local"
+
+
+def test_run_local_over_mutual_tls(real_mnist: Path, tmp_path: Path) -> None:
+    base = free_port_block(5)
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), "--data-dir", str(real_mnist), "--rounds", "2", "--out", str(tmp_path),
+         "--base-port", str(base), "--tls"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert (tmp_path / "pki" / "ca.crt").is_file()
+    for node in ("alice", "bob", "charlie", "testing"):
+        assert "tls=on" in (tmp_path / "logs" / f"{node}.log").read_text()
+    assert [json.loads(line)["workers"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        [["alice", "bob", "charlie"]] * 2
