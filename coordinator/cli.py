@@ -158,8 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rounds = summary.train_seconds + summary.eval_seconds
     print(
         f"Run finished: {summary.rounds} rounds in {rounds:.1f}s "
-        f"(training {summary.train_seconds:.1f}s = {summary.train_seconds / summary.rounds:.3f}s/round, "
-        f"evaluation {summary.eval_seconds:.1f}s), services ready after {summary.connect_seconds:.1f}s",
+        f"(training {summary.train_seconds:.1f}s = {summary.train_seconds / max(summary.rounds, 1):.3f}s/round, "
+        f"evaluation {summary.eval_seconds:.1f}s); the fleet answered after {summary.connect_seconds:.1f}s",
         flush=True,
     )
     print(f"Model: {summary.model_path}; metrics: {settings.out_dir / 'metrics.jsonl'}", flush=True)

@@ -40,7 +40,7 @@ class RunFailed(JetfedError):
 
 @dataclass(frozen=True)
 class RunSummary:
-    rounds: int
+    rounds: int  # run by this process (fewer than the run's after --resume)
     final_score: Optional[Score]
     connect_seconds: float
     train_seconds: float

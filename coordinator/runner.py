@@ -154,4 +154,4 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunT
         if status_server is not None:
             await status_server.stop(grace=1.0)
         telemetry.stop_http()
-    return RunSummary(settings.rounds, final, connect_seconds, train_total, eval_total, model_path)
+    return RunSummary(settings.rounds - first + 1, final, connect_seconds, train_total, eval_total, model_path)

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from jetfed.errors import InvalidConfig
+from jetfed.handlers import rebuild_handler
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,6 @@ ADMITTED = ("jetfed-admitted", "1")
 METHOD = re.compile(r"^/[\w.]+/\w+$")
 # OpenSSL's RFC 2253 form, as gRPC puts it in the auth context: "CN=alice,OU=worker,O=jetfed".
 RDN_SPLIT = re.compile(r"(?<!\\)[,+]")
-FACTORIES = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-
-
 def service_methods(service: ServiceDescriptor, public: Iterable[str] = ("GetInfo",)) -> Set[str]:
     """Full names of `service`'s methods except `public` ones: protecting by default means
     an RPC added later is guarded without anyone remembering to list it."""
@@ -94,10 +87,8 @@ class CallerAuthorization(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method not in self._protected:
             return handler
-        attribute, factory = FACTORIES[(handler.request_streaming, handler.response_streaming)]
-        behaviour = _guarded(getattr(handler, attribute), functools.partial(self._authorize, method))
-        return factory(behaviour, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        authorize = functools.partial(self._authorize, method)
+        return rebuild_handler(handler, lambda behaviour: _guarded(behaviour, authorize))
 
     async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """Admit the caller, telling it at once (ADMITTED), or log and abort (abort raises)."""

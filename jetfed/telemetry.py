@@ -16,6 +16,8 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from jetfed.handlers import rebuild_handler
+
 # 1 ms (a health check on a LAN) to 10 min (a ResNet round on a board); more is +Inf.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -162,12 +164,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        # unary_unary .. stream_stream: the handler's attribute and grpc's factory share the name.
-        kind = "_".join("stream" if s else "unary" for s in (handler.request_streaming, handler.response_streaming))
-        behaviour = self._wrap(getattr(handler, kind), handler_call_details.method, handler.response_streaming)
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(behaviour, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        method = handler_call_details.method
+        return rebuild_handler(handler, lambda behaviour: self._wrap(behaviour, method, handler.response_streaming))
 
     def _wrap(self, behaviour: Callable, method: str, response_streaming: bool) -> Callable:
         telemetry = self._telemetry
