@@ -139,16 +139,15 @@ class WorkerClient:
         )
         await _send(call, messages, self._guarded)
 
-        def check_result(result: worker_pb2.TrainResult) -> None:
+        def check_result(result: worker_pb2.TrainResult, manifest: Manifest) -> None:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
-            codec.check_manifest(wire.manifest_from_proto(result.manifest), self._model, self._spec)
+            codec.check_manifest(manifest, self._model, self._spec)
 
-        result, payload = await wire.read_weight_stream(
+        result, manifest, payload = await wire.read_weight_stream(
             call, "result", self._max_payload_bytes, check_head=check_result,
             on_bytes=self._telemetry.on_bytes_received("Train"),
         )
-        manifest = wire.manifest_from_proto(result.manifest)
         state = codec.decode(manifest, payload)
         codec.require_finite(state, who=self.name)
         return Update(

@@ -42,11 +42,11 @@ class Scorer:
         self._telemetry = telemetry or Telemetry()
 
     async def score(self, requests: AsyncIterator[Any]) -> evaluation_pb2.EvaluateResponse:
-        head, payload = await wire.read_weight_stream(
+        head, manifest, payload = await wire.read_weight_stream(
             requests, "header", self._max_payload_bytes, self._receive_timeout, self._check_header,
             self._telemetry.on_bytes_received("Evaluate"),
         )
-        state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
+        state = codec.decode(manifest, payload)
         codec.require_finite(state)
         batch_size = head.batch_size or self._batch_size
         if batch_size > MAX_EVAL_BATCH:
@@ -64,8 +64,8 @@ class Scorer:
             num_classes=result.num_classes, seconds=result.seconds, device=self._device_label,
         )
 
-    def _check_header(self, head: evaluation_pb2.EvaluateHeader) -> None:
-        codec.check_manifest(wire.manifest_from_proto(head.manifest), self.model_name, self._spec)
+    def _check_header(self, head: evaluation_pb2.EvaluateHeader, manifest: codec.Manifest) -> None:
+        codec.check_manifest(manifest, self.model_name, self._spec)
 
     def warm_up(self) -> None:
         evaluate(self._model, self._data, self._batch_size, NUM_CLASSES, limit=self._batch_size)

@@ -89,12 +89,14 @@ def weight_messages(
 
 async def read_weight_stream(
     messages: AsyncIterator[Any], head_field: str, max_bytes: int, timeout: Optional[float] = None,
-    check_head: Callable[[Any], None] = lambda head: None, on_bytes: Callable[[int], None] = lambda n: None,
-) -> Tuple[Any, bytes]:
-    """Read a header-then-chunks stream; returns the header and the assembled payload.
+    check_head: Callable[[Any, Manifest], None] = lambda head, manifest: None,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> Tuple[Any, Manifest, bytes]:
+    """Read a header-then-chunks stream; returns the header, its manifest and the
+    assembled payload.
 
-    `check_head` (which may raise) and the size limit judge the header before any chunk
-    is buffered, so a wrong model or an oversized stream costs the receiver nothing; a
+    `check_head(head, manifest)` (which may raise) and the size limit judge the header
+    before any chunk is buffered, so a wrong model or an oversized stream costs the receiver nothing; a
     stream that takes longer than `timeout` seconds is abandoned. `on_bytes` learns each
     chunk's size as it arrives.
     """
@@ -107,10 +109,11 @@ async def read_weight_stream(
 
 
 async def _read_weight_stream(
-    messages: AsyncIterator[Any], head_field: str, max_bytes: int, check_head: Callable[[Any], None],
+    messages: AsyncIterator[Any], head_field: str, max_bytes: int, check_head: Callable[[Any, Manifest], None],
     on_bytes: Callable[[int], None],
-) -> Tuple[Any, bytes]:
+) -> Tuple[Any, Manifest, bytes]:
     head = None
+    manifest = None
     assembler = None
     async for message in messages:
         kind = message.WhichOneof("kind")
@@ -118,9 +121,10 @@ async def _read_weight_stream(
             if kind != head_field:
                 raise BadStream(f"{head_field}: the first message must carry the {head_field}, got {kind}")
             head = getattr(message, head_field)
-            assembler = stream.PayloadAssembler(head.manifest.total_bytes, max_bytes)
+            manifest = manifest_from_proto(head.manifest)
+            assembler = stream.PayloadAssembler(manifest.total_bytes, max_bytes)
             try:
-                check_head(head)
+                check_head(head, manifest)
             except JetfedError:
                 # Discard the rest unbuffered: a gRPC client still writing when the call
                 # ends sees INTERNAL instead of this status (grpc/grpc#36066).
@@ -132,6 +136,6 @@ async def _read_weight_stream(
             assembler.add(message.chunk.offset, message.chunk.data)
         else:
             raise BadStream(f"{kind}: only chunks may follow the {head_field}")
-    if head is None or assembler is None:
+    if head is None or manifest is None or assembler is None:
         raise BadStream(f"{head_field}: the stream ended before the {head_field}")
-    return head, assembler.finish()
+    return head, manifest, assembler.finish()

@@ -65,12 +65,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 f"worker {self._name} is already training round {self._training_round}; retry when it is done",
             )
         async with self._training, rpc_status(context, "Train"):
-            head, payload = await wire.read_weight_stream(
+            head, manifest, payload = await wire.read_weight_stream(
                 request_iterator, "header", self._max_payload_bytes, self._receive_timeout, self._check_header,
                 self._telemetry.on_bytes_received("Train"),
             )
             config = wire.config_from_proto(head.config)
-            state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
+            state = codec.decode(manifest, payload)
             codec.require_finite(state)
             seed = derive_seed(config.seed, head.round, self._name)
             loop = asyncio.get_running_loop()
@@ -93,11 +93,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             ):
                 yield message
 
-    def _check_header(self, head: worker_pb2.TrainHeader) -> None:
+    def _check_header(self, head: worker_pb2.TrainHeader, manifest: codec.Manifest) -> None:
         """Refuse a bad config or another model's weights before their bytes arrive."""
         self._training_round = head.round
         wire.config_from_proto(head.config)
-        codec.check_manifest(wire.manifest_from_proto(head.manifest), self._model_name, self._spec)
+        codec.check_manifest(manifest, self._model_name, self._spec)
 
     async def Evaluate(
         self, request_iterator: AsyncIterator[evaluation_pb2.EvaluateRequest], context: grpc.aio.ServicerContext

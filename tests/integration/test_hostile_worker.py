@@ -33,8 +33,8 @@ class HostileWorker(worker_pb2_grpc.WorkerServicer):
         return service_info("mallory", "worker", "cpu", "mnist-cnn", [10] * 10)
 
     async def Train(self, request_iterator, context) -> AsyncIterator[worker_pb2.TrainResponse]:
-        head, payload = await wire.read_weight_stream(request_iterator, "header", 1 << 30)
-        state = codec.decode(wire.manifest_from_proto(head.manifest), payload)
+        head, manifest, payload = await wire.read_weight_stream(request_iterator, "header", 1 << 30)
+        state = codec.decode(manifest, payload)
         if self.poison == "nan":
             state["fc2.bias"] = torch.full_like(state["fc2.bias"], math.nan)
         else:
