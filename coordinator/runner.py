@@ -84,6 +84,22 @@ def _serve_metrics(settings: RunSettings, telemetry: Telemetry) -> None:
     log.info("metrics on http://%s:%d/metrics", host, bound)
 
 
+async def _evaluate(federation: Federation, round_number: int, record: Dict[str, Any]) -> Optional[Score]:
+    """Score the round's models into `record` and return the global model's score; an
+    unreachable evaluator is recorded, not fatal, so training goes on."""
+    started = time.perf_counter()
+    score = None
+    try:
+        scores = await federation.evaluate_round()
+        record["evaluation"] = {key: report.score_record(s) for key, s in scores.items()}
+        score = scores["global"]
+    except (grpc.aio.AioRpcError, JetfedError) as exc:
+        record["evaluation_error"] = describe_failure(exc)
+        log.warning("round=%d evaluation failed: %s", round_number, record["evaluation_error"])
+    record["eval_s"] = time.perf_counter() - started
+    return score
+
+
 async def run(
     settings: RunSettings, say: Say = print, live: bool = False, telemetry: Optional[RunTelemetry] = None,
 ) -> RunSummary:
@@ -125,15 +141,8 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunT
             record["train_s"] = time.perf_counter() - round_started
             train_total += record["train_s"]
             if federation.evaluator and settings.evaluates(round_number):
-                eval_started = time.perf_counter()
-                try:
-                    scores = await federation.evaluate_round()
-                    record["evaluation"] = {key: report.score_record(s) for key, s in scores.items()}
-                    final = scores["global"] if round_number == settings.rounds else final
-                except (grpc.aio.AioRpcError, JetfedError) as exc:
-                    record["evaluation_error"] = describe_failure(exc)
-                    log.warning("round=%d evaluation failed: %s", round_number, record["evaluation_error"])
-                record["eval_s"] = time.perf_counter() - eval_started
+                score = await _evaluate(federation, round_number, record)
+                final = score if round_number == settings.rounds else final
                 eval_total += record["eval_s"]
             record["duration_s"] = time.perf_counter() - round_started
             telemetry.observe_round(record["duration_s"], "completed")
