@@ -19,7 +19,7 @@ from coordinator.federation import Federation, RunFailed, RunSummary, Say, descr
 from coordinator.progress import Progress
 from coordinator.settings import RunSettings
 from coordinator.status_service import CoordinatorStatusService
-from jetfed import serving
+from jetfed import serving, tls
 from jetfed.errors import JetfedError
 from jetfed.telemetry import RpcMetricsInterceptor, RunTelemetry, Telemetry
 from jetfed.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -65,14 +65,19 @@ def _prepare(settings: RunSettings, federation: Federation, say: Say) -> int:
 
 
 async def _serve_status(settings: RunSettings, federation: Federation) -> Optional[serving.RunningServer]:
+    """With TLS on, the status speaks mutual TLS with the coordinator's certificate: any
+    node the federation's CA signed may read it (it is read-only), nobody else."""
     if not settings.status_address:
         return None
     host, _, port = settings.status_address.rpartition(":")
     service = CoordinatorStatusService(federation.board)
     name = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+    credentials = settings.tls.server_credentials() if settings.tls else None
+    if credentials is None:
+        tls.warn_plaintext(log, f"the status service on {settings.status_address}")
     return await serving.start_server(
         [serving.Service(name, lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server))],
-        host, int(port), interceptors=[RpcMetricsInterceptor(federation.telemetry)],
+        host, int(port), credentials, interceptors=[RpcMetricsInterceptor(federation.telemetry)],
     )
 
 

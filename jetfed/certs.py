@@ -33,11 +33,9 @@ CLOCK_SLACK = datetime.timedelta(days=1)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DNS_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 ALWAYS_HOSTS = ("localhost", "127.0.0.1")
-EKU = {
-    "coordinator": [ExtendedKeyUsageOID.CLIENT_AUTH],
-    "worker": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-    "evaluator": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-}
+# Every node both serves (workers, the evaluator, the coordinator's status service) and
+# calls (the coordinator dials the fleet; any member may read the status).
+EKU = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 
 
 @dataclass(frozen=True)
@@ -159,7 +157,7 @@ def _issue(node: Node, folder: Path, ca_cert: x509.Certificate, ca_key: ec.Ellip
             digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
             key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
         ), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(EKU[node.role]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(EKU), critical=False)
         .add_extension(_san(node), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
@@ -244,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`jetfed certs`: provision a federation and say which folder goes onto which board."""
     p = argparse.ArgumentParser(prog="jetfed certs", description=__doc__)
     p.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key and one folder per node")
-    p.add_argument("--coordinator", type=_named_hosts, metavar="NAME[=HOST,...]", help="the coordinator (a TLS client)")
+    p.add_argument("--coordinator", type=_named_hosts, metavar="NAME[=HOST,...]", help="the coordinator and the DNS names/IPs its status service is dialled by")
     p.add_argument("--worker", type=_named_hosts, action="append", default=[], metavar="NAME[=HOST,...]",
                    help="a worker and the DNS names/IPs it is dialled by (repeat for each)")
     p.add_argument("--evaluator", type=_named_hosts, metavar="NAME[=HOST,...]", help="the evaluator")

@@ -112,3 +112,46 @@ def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet):
     plain = subprocess.run([grpcurl, "-plaintext", alice.address, "grpc.health.v1.Health/Check"],
                            capture_output=True, text=True, timeout=30)
     assert plain.returncode != 0
+
+
+def test_status_service_speaks_mutual_tls(secure_fleet, tmp_path):
+    """With TLS on, GetStatus answers a federation certificate mid-run and refuses a
+    plaintext client and a client certificate from another CA."""
+    import json
+    import shutil
+    import signal
+    import sys
+
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    pki, processes = secure_fleet["pki"], secure_fleet["processes"]
+    stranger = tmp_path / "other-pki"
+    provision(stranger)
+    status = f"localhost:{free_port()}"
+    args = ["coordinator", "--out", str(tmp_path / "run"), "--rounds", "100000", "--batches", "1",
+            "--eval-every", "1000000", "--status-address", status, *tls_flags(pki, "coord")]
+    args += [f"--worker={p.name}={p.address}" for p in processes[:-1]]
+    run = subprocess.Popen(jetfed_command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def get_status(*security: str) -> subprocess.CompletedProcess:
+        return subprocess.run([grpcurl, "-max-time", "10", *security, status, "jetfed.v1.Coordinator/GetStatus"],
+                              capture_output=True, text=True, timeout=30)
+
+    def certificate(folder: Path, node: str) -> List[str]:
+        """Trust the federation's CA; present `node`'s certificate from `folder`."""
+        return ["-cacert", str(pki / "ca.crt"), "-cert", str(folder / node / f"{node}.crt"),
+                "-key", str(folder / node / f"{node}.key")]
+
+    try:
+        for line in run.stdout:
+            if line.startswith("Training round 3/"):
+                break
+        member = get_status(*certificate(pki, "alice"))
+        assert member.returncode == 0, member.stderr
+        assert json.loads(member.stdout)["status"]["state"] == "RUN_STATE_RUNNING"
+        assert get_status("-plaintext").returncode != 0
+        assert get_status(*certificate(stranger, "alice")).returncode != 0
+        assert get_status(*certificate(pki, "alice")).returncode == 0, "the refusals must not have stopped the service"
+    finally:
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=60)
+    assert run.returncode == 0, output
