@@ -242,7 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`jetfed certs`: provision a federation and say which folder goes onto which board."""
     p = argparse.ArgumentParser(prog="jetfed certs", description=__doc__)
     p.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key and one folder per node")
-    p.add_argument("--coordinator", type=_named_hosts, metavar="NAME[=HOST,...]", help="the coordinator and the DNS names/IPs its status service is dialled by")
+    p.add_argument("--coordinator", type=_named_hosts, metavar="NAME[=HOST,...]",
+                   help="the coordinator and the DNS names/IPs its status service is dialled by")
     p.add_argument("--worker", type=_named_hosts, action="append", default=[], metavar="NAME[=HOST,...]",
                    help="a worker and the DNS names/IPs it is dialled by (repeat for each)")
     p.add_argument("--evaluator", type=_named_hosts, metavar="NAME[=HOST,...]", help="the evaluator")

@@ -96,9 +96,9 @@ async def read_weight_stream(
     assembled payload.
 
     `check_head(head, manifest)` (which may raise) and the size limit judge the header
-    before any chunk is buffered, so a wrong model or an oversized stream costs the receiver nothing; a
-    stream that takes longer than `timeout` seconds is abandoned. `on_bytes` learns each
-    chunk's size as it arrives.
+    before any chunk is buffered, so a wrong model or an oversized stream costs the
+    receiver nothing; a stream that takes longer than `timeout` seconds is abandoned.
+    `on_bytes` learns each chunk's size as it arrives.
     """
     try:
         return await asyncio.wait_for(

