@@ -23,6 +23,13 @@ def tls_flags(folder: Path, node: str) -> List[str]:
             "--tls-ca", str(folder / node / "ca.crt")]
 
 
+def grpcurl_tls(pki: Path, folder: Path, node: str) -> List[str]:
+    """grpcurl flags that trust the federation's CA in `pki` and present `node`'s
+    certificate from `folder` (the same federation, or a stranger's)."""
+    return ["-cacert", str(pki / "ca.crt"), "-cert", str(folder / node / f"{node}.crt"),
+            "-key", str(folder / node / f"{node}.key")]
+
+
 def provision(folder: Path) -> None:
     args = ["certs", "--out", str(folder), "--coordinator", "coord", "--evaluator", "testing"]
     args += [arg for node in NODES for arg in ("--worker", node)]
@@ -100,11 +107,8 @@ def test_certificate_from_another_ca_is_refused(secure_fleet, tmp_path):
 
 def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet, grpcurl):
     pki, alice = secure_fleet["pki"], secure_fleet["processes"][0]
-    done = subprocess.run(
-        [grpcurl, "-cacert", str(pki / "ca.crt"), "-cert", str(pki / "alice" / "alice.crt"),
-         "-key", str(pki / "alice" / "alice.key"), alice.address, "grpc.health.v1.Health/Check"],
-        capture_output=True, text=True, timeout=30,
-    )
+    done = subprocess.run([grpcurl, *grpcurl_tls(pki, pki, "alice"), alice.address, "grpc.health.v1.Health/Check"],
+                          capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
     plain = subprocess.run([grpcurl, "-plaintext", alice.address, "grpc.health.v1.Health/Check"],
                            capture_output=True, text=True, timeout=30)
@@ -127,21 +131,16 @@ def test_status_service_speaks_mutual_tls(secure_fleet, grpcurl, tmp_path):
         return subprocess.run([grpcurl, "-max-time", "10", *security, status, "jetfed.v1.Coordinator/GetStatus"],
                               capture_output=True, text=True, timeout=30)
 
-    def certificate(folder: Path, node: str) -> List[str]:
-        """Trust the federation's CA; present `node`'s certificate from `folder`."""
-        return ["-cacert", str(pki / "ca.crt"), "-cert", str(folder / node / f"{node}.crt"),
-                "-key", str(folder / node / f"{node}.key")]
-
     try:
         for line in run.stdout:
             if line.startswith("Training round 3/"):
                 break
-        member = get_status(*certificate(pki, "alice"))
+        member = get_status(*grpcurl_tls(pki, pki, "alice"))
         assert member.returncode == 0, member.stderr
         assert json.loads(member.stdout)["status"]["state"] == "RUN_STATE_RUNNING"
         assert get_status("-plaintext").returncode != 0
-        assert get_status(*certificate(stranger, "alice")).returncode != 0
-        assert get_status(*certificate(pki, "alice")).returncode == 0, "the refusals must not have stopped the service"
+        assert get_status(*grpcurl_tls(pki, stranger, "alice")).returncode != 0
+        assert get_status(*grpcurl_tls(pki, pki, "alice")).returncode == 0, "the refusals must not have stopped the service"
     finally:
         run.send_signal(signal.SIGTERM)
         output, _ = run.communicate(timeout=60)
