@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-IDLE, TRAINING, DONE, FAILED = "idle", "training", "done", "failed"
+CONNECTING, IDLE, TRAINING, DONE, FAILED = "connecting", "idle", "training", "done", "failed"
 STARTING, RUNNING, FINISHED = "starting", "running", "finished"
 
 
@@ -16,7 +16,7 @@ STARTING, RUNNING, FINISHED = "starting", "running", "finished"
 class WorkerView:
     name: str
     address: str
-    state: str = IDLE
+    state: str = CONNECTING
     last_contribution: int = 0
     failures: int = 0
     last_error: str = ""
@@ -78,6 +78,10 @@ class RunBoard:
             return 0.0
         done = self.first_round - 1 + len(self.round_durations)
         return sum(self.round_durations) / len(self.round_durations) * max(self.rounds - done, 0)
+
+    def worker_answered(self, name: str) -> None:
+        self.workers[name].state = IDLE
+        self.touch()
 
     def start_round(self, number: int, asked: List[str]) -> None:
         self.state, self.round = RUNNING, number

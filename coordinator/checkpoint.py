@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from jetfed.codec import StateDict
 from jetfed.errors import JetfedError
@@ -44,11 +45,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def write_model(path: Path, state: StateDict, model: str, round_number: int) -> None:
-    """A whole safetensors model at `path` or none: written aside, then renamed."""
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(partial),
-              metadata={"model": model, "round": str(round_number)})
-    partial.replace(path)
+    """A whole safetensors model at `path` or none: written aside, synced, then renamed.
+    Written by us rather than safetensors' save_file, which creates files 0600: a model
+    gets the same mode as the run's other outputs (0666 less the umask)."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in state.items()}, metadata={"model": model, "round": str(round_number)})
+    _write_atomically(path, data)
 
 
 def save(folder: Path, round_number: int, state: StateDict, model: str, run: Dict[str, Any]) -> Path:

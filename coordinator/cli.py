@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from coordinator.config_file import load_config
 from coordinator.federation import RunSummary
@@ -30,6 +30,15 @@ def parse_endpoint(value: str) -> tuple:
     if not sep or not name or ":" not in address:
         raise argparse.ArgumentTypeError(f"{value!r} is not NAME=HOST:PORT")
     return name, address
+
+
+def parse_min_workers(value: str) -> Union[int, str]:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'all'") from None
 
 
 DEFAULTS = {
@@ -77,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--round-timeout", "deadline of a round's training in seconds; later updates are discarded", type=float)
     flag("--eval-timeout", "deadline of each Evaluate call, seconds", type=float)
     flag("--connect-timeout", "how long to wait for services to come up, seconds", type=float)
-    flag("--min-workers", "updates a round needs (default: a majority of the workers)", type=int)
+    flag("--min-workers", "updates a round (and the start) needs: a number, or 'all' to require the whole fleet "
+         "(default: a majority of the workers)", type=parse_min_workers, metavar="N|all")
     flag("--round-retries", "attempts after a round misses its quorum", type=int)
     flag("--max-backoff", "longest wait in seconds before a failed worker is asked again", type=float)
     flag("--status-address", "serve jetfed.v1.Coordinator (GetStatus, WatchStatus) here, e.g. 127.0.0.1:8781",
@@ -120,7 +130,8 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         lr_decay=values["lr_decay"], lr_min_factor=values["lr_min_factor"], weighting=values["weighting"],
         chunk_bytes=values["chunk_bytes"], max_payload_bytes=values["max_payload_bytes"],
         round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],
-        connect_timeout=values["connect_timeout"], min_workers=values["min_workers"],
+        connect_timeout=values["connect_timeout"],
+        min_workers=len(workers) if values["min_workers"] == "all" else values["min_workers"],
         round_retries=values["round_retries"], max_backoff=values["max_backoff"], resume=values["resume"],
         status_address=values["status_address"], metrics_address=values["metrics_address"],
         tls=tls.TlsFiles.from_flags(values.get("tls_cert"), values.get("tls_key"), values.get("tls_ca")),
@@ -155,12 +166,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Stopped:
         log.warning("stopped by a signal; continue with --resume --out %s", settings.out_dir)
         return 0
+    for line in summary_lines(summary, settings):
+        print(line, flush=True)
+    return 0
+
+
+def summary_lines(summary: RunSummary, settings: RunSettings) -> List[str]:
+    """The run's last words: timings, where the output is, and loudly, any configured
+    worker that never answered or never contributed."""
     rounds = summary.train_seconds + summary.eval_seconds
-    print(
+    lines = [
         f"Run finished: {summary.rounds} rounds in {rounds:.1f}s "
         f"(training {summary.train_seconds:.1f}s = {summary.train_seconds / max(summary.rounds, 1):.3f}s/round, "
-        f"evaluation {summary.eval_seconds:.1f}s); the fleet answered after {summary.connect_seconds:.1f}s",
-        flush=True,
-    )
-    print(f"Model: {summary.model_path}; metrics: {settings.out_dir / 'metrics.jsonl'}", flush=True)
-    return 0
+        f"evaluation {summary.eval_seconds:.1f}s) after connecting in {summary.connect_seconds:.1f}s",
+        f"Model: {summary.model_path}; metrics: {settings.out_dir / 'metrics.jsonl'}",
+    ]
+    if summary.never_contributed:
+        absent = ", ".join(
+            f"{name} ({summary.absent_at_start[name]})" if name in summary.absent_at_start else name
+            for name in summary.never_contributed
+        )
+        lines.append(f"WARNING: {len(summary.never_contributed)} of {summary.workers} workers never contributed: "
+                     f"{absent}; see 'failed' in metrics.jsonl")
+    elif summary.absent_at_start:
+        lines.append(f"Note: {', '.join(summary.absent_at_start)} did not answer at start but joined later")
+    return lines

@@ -15,6 +15,13 @@ if sys.version_info >= (3, 11):
 else:  # JetPack's Python 3.8/3.10
     import tomli as tomllib
 
+class WorkerCount:
+    """A key taking a number of workers or "all" (min_workers)."""
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               WorkerCount: 'an integer or "all"'}
+
 _SECTIONS: Dict[str, Dict[str, type]] = {
     "federation": {"rounds": int, "eval_every": int, "model": str, "seed": int, "out": str, "status_address": str,
                    "metrics_address": str},
@@ -23,7 +30,7 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
         "batch_size": int, "batches": int, "epochs": int, "weighting": str,
     },
     "faults": {
-        "round_timeout": float, "eval_timeout": float, "connect_timeout": float, "min_workers": int,
+        "round_timeout": float, "eval_timeout": float, "connect_timeout": float, "min_workers": WorkerCount,
         "round_retries": int, "max_backoff": float,
     },
     "transport": {"chunk_bytes": int, "max_payload_bytes": int},
@@ -39,7 +46,7 @@ def _check(where: str, table: Any, allowed: Dict[str, type]) -> Dict[str, Any]:
         if key not in allowed:
             raise InvalidConfig(f"config: unknown key {key!r} in [{where}]; known: {', '.join(sorted(allowed))}")
         if not _has_type(value, allowed[key]):
-            raise InvalidConfig(f"config: [{where}] {key} = {value!r} must be a {allowed[key].__name__}")
+            raise InvalidConfig(f"config: [{where}] {key} = {value!r} must be {_KIND_NAMES[allowed[key]]}")
     return dict(table)
 
 
@@ -48,17 +55,14 @@ def _has_type(value: Any, want: type) -> bool:
         return want is bool
     if want is float:
         return isinstance(value, (int, float))
+    if want is WorkerCount:
+        return isinstance(value, int) or value == "all"
     return isinstance(value, want)
 
 
 def load_config(path: Path) -> Dict[str, Any]:
     """Flag-named settings from a TOML file (`worker` as NAME=ADDRESS pairs)."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidConfig(f"config: cannot read {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidConfig(f"config: {path} is not valid TOML: {exc}") from exc
+    document = _read(path)
     values: Dict[str, Any] = {}
     for section, table in document.items():
         if section in _SECTIONS:
@@ -78,6 +82,17 @@ def load_config(path: Path) -> Dict[str, Any]:
     return values
 
 
+def _read(path: Path) -> Dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidConfig(f"config: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise InvalidConfig(f"config: {path} is not a text file (TOML must be UTF-8)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidConfig(f"config: {path} is not valid TOML: {exc}") from exc
+
+
 def _workers(table: Any) -> List[Tuple[str, str]]:
     if not isinstance(table, dict):
         raise InvalidConfig("config: [workers] must hold one table per worker, e.g. [workers.alice]")
@@ -93,5 +108,5 @@ def _workers(table: Any) -> List[Tuple[str, str]]:
 def worker_labels(path: Path) -> Dict[str, str]:
     """The `labels` each worker is started with where one launcher starts them all
     (`make run-local`); the coordinator itself never needs them."""
-    document = tomllib.loads(path.read_text(encoding="utf-8"))
+    document = _read(path)
     return {name: spec.get("labels", "all") for name, spec in document.get("workers", {}).items()}

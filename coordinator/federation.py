@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import grpc
@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
 
+_EVALUATOR = "evaluator"
+_REMIND_EVERY_S = 5.0
+_UNREACHABLE_HINT = (
+    "Likely causes: the worker is not started (or crashed: see its log or `systemctl status jetfed-worker@NAME`); "
+    "a wrong host or port (compare with the 'listening on' line of its log); a firewall between the machines; "
+    "or TLS on one side only (both sides need the --tls-* flags, or neither)."
+)
+
 
 class RunFailed(JetfedError):
     """The run cannot go on (a round missed its quorum on every attempt, or the fleet
@@ -46,6 +54,10 @@ class RunSummary:
     train_seconds: float
     eval_seconds: float
     model_path: Any
+    workers: int = 0
+    absent_at_start: Dict[str, str] = field(default_factory=dict)
+    # Configured workers whose update was never averaged in this process's rounds.
+    never_contributed: List[str] = field(default_factory=list)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -62,7 +74,7 @@ class Federation:
         telemetry: Optional[RunTelemetry] = None,
     ) -> None:
         self.settings = settings
-        self._say = say
+        self.say = say
         self.telemetry = telemetry or RunTelemetry()
         torch.manual_seed(settings.train.seed)
         initial = build_model(settings.model).state_dict()
@@ -86,6 +98,9 @@ class Federation:
             if settings.evaluator else None
         )
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
+        # Workers that did not answer at start, with the reason: warned about, recorded.
+        self.absent: Dict[str, str] = {}
+        self._evaluator_ready = False
         self._updates: List[Update] = []
 
     def restore(self, state: codec.StateDict) -> None:
@@ -94,36 +109,95 @@ class Federation:
         self.global_weights = Weights.of(state, self.settings.model)
 
     async def connect(self) -> None:
-        """Wait for the fleet; a quorum of workers must answer, the rest are retried
-        in the rounds with backoff. Learns which digits each worker holds."""
+        """Wait up to --connect-timeout for the fleet, saying at once whom it awaits and,
+        while it waits, who has answered. A quorum of workers must answer; the rest are
+        named loudly, recorded in `absent`, and retried in the rounds with backoff."""
         timeout = self.settings.connect_timeout
-        answers = await asyncio.gather(*(w.info(timeout) for w in self.workers.values()), return_exceptions=True)
-        for name, answer in zip(self.workers, answers):
-            if isinstance(answer, BaseException):
-                self.roster.failed(name, describe_failure(answer))
-                log.warning("worker=%s unreachable at start: %s", name, describe_failure(answer))
-                continue
-            if answer.model != self.settings.model:
-                raise RunFailed(f"worker {name} serves model {answer.model!r}, this run trains {self.settings.model!r}")
-            self._infos[name] = answer
-            log.info("worker=%s address=%s device=%s examples=%d", name, self.workers[name].address,
-                     answer.device, answer.dataset_size)
-        if len(self._infos) < self.settings.quorum:
-            raise RunFailed(
-                f"only {len(self._infos)} of {len(self.workers)} workers answered within {timeout:.0f}s, "
-                f"the quorum is {self.settings.quorum}: "
-                + "; ".join(f"{n}: {self.roster.record(n).last_error}" for n in self.workers if n not in self._infos)
-            )
+        fleet = ", ".join(f"{name} at {w.address}" for name, w in self.workers.items())
+        evaluator = f"; evaluator at {self.evaluator.address}" if self.evaluator else ""
+        self.say(f"Waiting up to {timeout:.0f}s for {len(self.workers)} workers: {fleet}{evaluator}")
+        started = time.perf_counter()
+        calls = {asyncio.ensure_future(w.info(timeout)): name for name, w in self.workers.items()}
         if self.evaluator:
-            try:
-                info = await self.evaluator.info(timeout)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("evaluator at %s unreachable at start (%s); training goes on, evaluations will be tried on schedule",
-                            self.evaluator.address, describe_failure(exc))
+            calls[asyncio.ensure_future(self.evaluator.info(timeout))] = _EVALUATOR
+        pending = set(calls)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=_REMIND_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
+                for call in done:
+                    self._answered(calls[call], call)
+                if pending and not done:
+                    self.say(f"Still waiting for {', '.join(sorted(calls[c] for c in pending))} "
+                              f"({time.perf_counter() - started:.0f}s of {timeout:.0f}s); answered so far: "
+                              f"{', '.join(sorted(self._infos)) or 'none'}")
+        finally:
+            for call in pending:
+                call.cancel()
+        await self._explain_absent()
+        answered = len(self._infos)
+        if answered < self.settings.quorum:
+            who = "none" if not answered else f"only {answered}"
+            raise RunFailed(
+                f"{who} of the {len(self.workers)} workers answered within {timeout:.0f}s and this run needs "
+                f"{self.settings.quorum}: " + "; ".join(f"{n} at {self.workers[n].address}: {reason}"
+                                                          for n, reason in self.absent.items())
+                + ". " + _UNREACHABLE_HINT
+            )
+        if self.absent:
+            warning = (f"WARNING: going on with {answered} of {len(self.workers)} workers; not answering: "
+                       + "; ".join(f"{n} at {self.workers[n].address} ({reason})" for n, reason in self.absent.items())
+                       + ". They are asked again every round. To require the whole fleet: --min-workers all")
+            self.say(warning)
+            log.warning("%s", warning)
+        else:
+            self.say(f"Fleet ready after {time.perf_counter() - started:.1f}s: {answered} of {len(self.workers)} "
+                      f"workers{' and the evaluator' if self.evaluator and self._evaluator_ready else ''}")
+
+    def _answered(self, name: str, call: "asyncio.Future[info_pb2.GetInfoResponse]") -> None:
+        """Record one GetInfo answer (or its failure) from the connect phase."""
+        failure = call.exception()
+        if name == _EVALUATOR:
+            assert self.evaluator is not None
+            if failure is not None:
+                log.warning("evaluator at %s unreachable at start (%s); training goes on, evaluations will be tried "
+                            "on schedule", self.evaluator.address, describe_failure(failure))
+                self.say(f"WARNING: the evaluator at {self.evaluator.address} did not answer "
+                          f"({describe_failure(failure)}); training goes on, evaluations are tried on schedule")
                 return
+            info = call.result()
             if info.model != self.settings.model:
                 raise RunFailed(f"evaluator serves model {info.model!r}, this run trains {self.settings.model!r}")
-            log.info("evaluator address=%s device=%s examples=%d", self.evaluator.address, info.device, info.dataset_size)
+            self._evaluator_ready = True
+            log.info("evaluator address=%s device=%s examples=%d", self.evaluator.address, info.device,
+                     info.dataset_size)
+            return
+        if failure is not None:
+            self.absent[name] = describe_failure(failure)
+            return
+        answer = call.result()
+        if answer.model != self.settings.model:
+            raise RunFailed(f"worker {name} serves model {answer.model!r}, this run trains {self.settings.model!r}")
+        self._infos[name] = answer
+        self.board.worker_answered(name)
+        log.info("worker=%s address=%s device=%s examples=%d", name, self.workers[name].address,
+                 answer.device, answer.dataset_size)
+
+    async def _explain_absent(self) -> None:
+        """A wait that times out only says DEADLINE_EXCEEDED; one quick call without
+        waiting tells why (connection refused, handshake failed, unknown host)."""
+        for name in self.absent:
+            try:
+                self._infos[name] = await self.workers[name].info(timeout=2.0, wait=False)
+            except grpc.aio.AioRpcError as exc:
+                self.absent[name] = f"never answered: {describe_failure(exc)}"
+        for name in list(self.absent):
+            if name in self._infos:
+                del self.absent[name]
+                self.board.worker_answered(name)
+        for name, reason in self.absent.items():
+            self.roster.failed(name, reason)
+            self.board.worker_failed(name, reason)
+            log.warning("worker=%s address=%s unreachable at start: %s", name, self.workers[name].address, reason)
 
     async def _attempt(self, round_number: int, names: List[str], record: Dict[str, Any]) -> List[Update]:
         settings = self.settings
@@ -210,11 +284,11 @@ class Federation:
         tagged = [(u.worker, f"Model update {u.worker}", u.weights) for u in self._updates]
         tagged.append(("global", "Federated model", self.global_weights))
         groups = await self._label_groups()
-        self._say("Evaluating models")
+        self.say("Evaluating models")
         scores = await asyncio.gather(*(self._evaluate(key, w, timeout) for key, _, w in tagged))
         for (_, who, _), score in zip(tagged, scores):
-            self._say(report.share_line(who, score, groups))
-            self._say(report.score_line(who, score))
+            self.say(report.share_line(who, score, groups))
+            self.say(report.score_line(who, score))
         self.board.evaluated(self.board.round, [
             (key, s.accuracy, s.loss, s.correct, s.total) for (key, _, _), s in zip(tagged, scores)
         ])

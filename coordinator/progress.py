@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-from coordinator.board import DONE, FAILED, TRAINING, RunBoard
+from coordinator.board import CONNECTING, DONE, FAILED, IDLE, STARTING, TRAINING, RunBoard
 
-_STYLES = {TRAINING: "yellow", DONE: "green", FAILED: "red"}
+_STYLES = {CONNECTING: "yellow", TRAINING: "yellow", DONE: "green", FAILED: "red"}
 
 
 def _clock(seconds: float) -> str:
@@ -17,13 +17,18 @@ def _clock(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
+def _title(board: RunBoard) -> str:
+    if board.state == STARTING:
+        answered = sum(view.state == IDLE for view in board.workers.values())
+        return f"connecting: {answered}/{len(board.workers)} workers answered   elapsed {_clock(board.elapsed)}"
+    eta = _clock(board.eta) if board.round_durations else "-"
+    return f"round {board.round}/{board.rounds}   elapsed {_clock(board.elapsed)}   ETA {eta}"
+
+
 def render(board: RunBoard) -> Any:
     from rich.table import Table
 
-    table = Table(
-        title=f"round {board.round}/{board.rounds}   elapsed {_clock(board.elapsed)}   ETA {_clock(board.eta)}",
-        title_justify="left", expand=False,
-    )
+    table = Table(title=_title(board), title_justify="left", expand=False)
     for column in ("worker", "state", "last round", "train s", "loss", "error"):
         table.add_column(column)
     for view in board.workers.values():

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import grpc
 
@@ -74,10 +74,11 @@ async def _serve_status(settings: RunSettings, federation: Federation) -> Option
     name = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
     credentials = settings.tls.server_credentials() if settings.tls else None
     if credentials is None:
-        tls.warn_plaintext(log, f"the status service on {settings.status_address}")
+        tls.warn_plaintext(log, f"the status service on {settings.status_address}", host)
     return await serving.start_server(
         [serving.Service(name, lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server))],
         host, int(port), credentials, interceptors=[RpcMetricsInterceptor(federation.telemetry)],
+        setting="--status-address",
     )
 
 
@@ -85,7 +86,7 @@ def _serve_metrics(settings: RunSettings, telemetry: Telemetry) -> None:
     if not settings.metrics_address:
         return
     host, _, port = settings.metrics_address.rpartition(":")
-    bound = telemetry.start_http(host, int(port))
+    bound = telemetry.start_http(host, int(port), setting="--metrics-address")
     log.info("metrics on http://%s:%d/metrics", host, bound)
 
 
@@ -119,53 +120,72 @@ async def run(
 
 
 async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunTelemetry) -> RunSummary:
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
     federation = Federation(settings, say, board, telemetry)
-    first = _prepare(settings, federation, say)
-    board.first_round = first
-    metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
-    model_path = settings.out_dir / "model.safetensors"
-    train_total = eval_total = 0.0
-    final: Optional[Score] = None
-    _serve_metrics(settings, telemetry)
-    status_server = await _serve_status(settings, federation)
+    status_server = None
+    metrics: Optional[report.MetricsLog] = None
     try:
-        started = time.perf_counter()
-        await federation.connect()
-        connect_seconds = time.perf_counter() - started
-        for round_number in range(first, settings.rounds + 1):
-            say(f"Training round {round_number}/{settings.rounds}")
-            telemetry.set_round(round_number)
-            round_started = time.perf_counter()
-            try:
-                record = await federation.train_round(round_number)
-            except RunFailed:
-                telemetry.observe_round(time.perf_counter() - round_started, "failed")
-                raise
-            telemetry.set_workers_contributing(len(record["workers"]))
-            record["train_s"] = time.perf_counter() - round_started
-            train_total += record["train_s"]
-            if federation.evaluator and settings.evaluates(round_number):
-                score = await _evaluate(federation, round_number, record)
-                final = score if round_number == settings.rounds else final
-                eval_total += record["eval_s"]
-            record["duration_s"] = time.perf_counter() - round_started
-            telemetry.observe_round(record["duration_s"], "completed")
-            board.end_round(record["duration_s"])
-            log.info("round=%d/%d workers=%d/%d duration=%.2fs elapsed=%.1fs eta=%.1fs", round_number, settings.rounds,
-                     len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
-            metrics.write(record)
-            checkpoint.save(settings.out_dir / "checkpoint", round_number, federation.global_weights.state,
-                            settings.model, run_identity(settings))
-        checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
-        board.end()
+        # Ports first: a taken status or metrics port must fail before anything is written.
+        _serve_metrics(settings, telemetry)
+        status_server = await _serve_status(settings, federation)
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+        first = _prepare(settings, federation, say)
+        board.first_round = first
+        metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
+        return await _rounds(settings, federation, metrics, first)
     except BaseException as exc:
         board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
         raise
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         await federation.close()
         if status_server is not None:
             await status_server.stop(grace=1.0)
         telemetry.stop_http()
-    return RunSummary(settings.rounds - first + 1, final, connect_seconds, train_total, eval_total, model_path)
+
+
+async def _rounds(settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int) -> RunSummary:
+    """Connect, then run rounds `first`..N, each written to metrics.jsonl and checkpointed."""
+    board, say, telemetry = federation.board, federation.say, federation.telemetry
+    model_path = settings.out_dir / "model.safetensors"
+    train_total = eval_total = 0.0
+    final: Optional[Score] = None
+    contributed: Set[str] = set()
+    started = time.perf_counter()
+    await federation.connect()
+    connect_seconds = time.perf_counter() - started
+    for round_number in range(first, settings.rounds + 1):
+        say(f"Training round {round_number}/{settings.rounds}")
+        telemetry.set_round(round_number)
+        round_started = time.perf_counter()
+        try:
+            record = await federation.train_round(round_number)
+        except RunFailed:
+            telemetry.observe_round(time.perf_counter() - round_started, "failed")
+            raise
+        if round_number == first and federation.absent:
+            record["unreachable_at_start"] = dict(federation.absent)
+        contributed.update(record["workers"])
+        telemetry.set_workers_contributing(len(record["workers"]))
+        record["train_s"] = time.perf_counter() - round_started
+        train_total += record["train_s"]
+        if federation.evaluator and settings.evaluates(round_number):
+            score = await _evaluate(federation, round_number, record)
+            final = score if round_number == settings.rounds else final
+            eval_total += record["eval_s"]
+        record["duration_s"] = time.perf_counter() - round_started
+        telemetry.observe_round(record["duration_s"], "completed")
+        board.end_round(record["duration_s"])
+        log.info("round=%d/%d workers=%d/%d duration=%.2fs elapsed=%.1fs eta=%.1fs", round_number, settings.rounds,
+                 len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
+        metrics.write(record)
+        checkpoint.save(settings.out_dir / "checkpoint", round_number, federation.global_weights.state,
+                        settings.model, run_identity(settings))
+    checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
+    board.end()
+    return RunSummary(
+        rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,
+        train_seconds=train_total, eval_seconds=eval_total, model_path=model_path,
+        workers=len(settings.workers), absent_at_start=dict(federation.absent),
+        never_contributed=[name for name in settings.workers if name not in contributed],
+    )

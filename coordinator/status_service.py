@@ -13,7 +13,8 @@ from jetfed.v1 import coordinator_pb2_grpc
 _RUN_STATES = {"starting": pb.RUN_STATE_STARTING, "running": pb.RUN_STATE_RUNNING,
                "finished": pb.RUN_STATE_FINISHED, "failed": pb.RUN_STATE_FAILED}
 _WORKER_STATES = {"idle": pb.WORKER_STATE_IDLE, "training": pb.WORKER_STATE_TRAINING,
-                  "done": pb.WORKER_STATE_DONE, "failed": pb.WORKER_STATE_FAILED}
+                  "done": pb.WORKER_STATE_DONE, "failed": pb.WORKER_STATE_FAILED,
+                  "connecting": pb.WORKER_STATE_CONNECTING}
 
 
 def status_message(board: RunBoard) -> pb.RunStatus:

@@ -62,3 +62,8 @@ class DataNotFound(JetfedError):
     """The data set is not on disk and could not be downloaded."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AddressInUse(InvalidConfig):
+    """A port this process must bind is already taken; the message names the address and
+    the setting that moves it."""

@@ -56,7 +56,7 @@ def server_security(
     files = tls.TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     token = read_token(args.token_file)
     if files is None:
-        tls.warn_plaintext(logging.getLogger(__name__), what)
+        tls.warn_plaintext(logging.getLogger(__name__), what, args.host)
         if token is None:
             return None, []
     guard = CallerAuthorization(service_methods(service), {"coordinator"}, token)

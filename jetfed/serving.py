@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from jetfed import readiness
+from jetfed.errors import AddressInUse
 from jetfed.stream import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# gRPC binds with SO_REUSEPORT by default, so a second process on a taken port binds
+# too and silently takes half the connections. A port is one service's.
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]
 
 
 @dataclass
@@ -55,10 +59,12 @@ async def start_server(
     services: Iterable[Service], host: str, port: int,
     credentials: Optional[grpc.ServerCredentials] = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    setting: str = "--port",
 ) -> RunningServer:
     """Start a server hosting `services`, health and reflection; `port=0` picks a free port.
-    With `credentials` the port speaks TLS only (jetfed.tls); `interceptors` see every RPC."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=list(interceptors))
+    With `credentials` the port speaks TLS only (jetfed.tls); `interceptors` see every RPC.
+    A taken port raises AddressInUse naming `setting`, the flag or key that moves it."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     services = list(services)
     for service in services:
         service.add_to_server(server)
@@ -70,9 +76,15 @@ async def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise AddressInUse(
+            f"{setting}: cannot listen on {address}: the port is taken by another process (or the host is not "
+            f"an address of this machine); stop that process or choose another {setting}"
+        )
     await server.start()
     running = RunningServer(server, bound, health, names)
     await running.mark_serving()

@@ -17,6 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from jetfed.handlers import rebuild_handler
+from jetfed.errors import AddressInUse
 
 # 1 ms (a health check on a LAN) to 10 min (a ResNet round on a board); more is +Inf.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -66,10 +67,17 @@ class Telemetry:
     def on_bytes_sent(self, method: str) -> Callable[[int], None]:
         return self._sent.labels(method).inc
 
-    def start_http(self, host: str, port: int) -> int:
+    def start_http(self, host: str, port: int, setting: str = "--metrics-port") -> int:
         """Serve /metrics from a daemon thread; returns the bound port (`port=0` picks one).
-        Needs prometheus-client >= 0.20, the first to return the server it starts."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        Needs prometheus-client >= 0.20, the first to return the server it starts. A taken
+        port raises AddressInUse naming `setting`."""
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise AddressInUse(
+                f"{setting}: cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                f"stop the process holding it or choose another {setting}"
+            ) from exc
         return int(self._http.server_port)
 
     def stop_http(self) -> None:

@@ -5,6 +5,7 @@ files, but plaintext is said out loud in the log, never silently assumed."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass
@@ -95,8 +96,20 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"the federation's CA certificate (default ${ENV['ca']})")
 
 
-def warn_plaintext(logger: logging.Logger, what: str) -> None:
-    """Log that `what` (e.g. "worker alice on 0.0.0.0:8777") goes without TLS: anyone on
-    the network can read the weights and, without a token, make the calls."""
-    logger.warning("plaintext: %s without TLS: anyone on the network can read the weights "
-                   "(provision with `jetfed certs`, pass --tls-cert/--tls-key/--tls-ca)", what)
+def warn_plaintext(logger: logging.Logger, what: str, host: Optional[str] = None) -> None:
+    """Log that `what` (e.g. "worker alice on 0.0.0.0:8777") goes without TLS. Who can
+    listen depends on where it binds: on a loopback `host` only this machine's users, on
+    any other address anyone on the network."""
+    who = "any user of this machine" if host is not None and is_loopback(host) else "anyone on the network"
+    logger.warning("plaintext: %s without TLS: %s can read the weights "
+                   "(provision with `jetfed certs`, pass --tls-cert/--tls-key/--tls-ca)", what, who)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; a name that merely resolves there is not assumed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

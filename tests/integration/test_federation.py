@@ -86,8 +86,13 @@ def test_model_file_holds_the_mnist_cnn(federation: tuple) -> None:
 
 
 def test_printed_lines_follow_the_reference_layout(federation: tuple) -> None:
+    """Two lines about the fleet, then the reference's layout, round by round."""
     _, lines, _ = federation
-    expected = [pattern for number in range(1, ROUNDS + 1) for pattern in round_layout(number)]
+    expected = [
+        r"Waiting up to 30s for 3 workers: alice at [\d.:]+, bob at [\d.:]+, charlie at [\d.:]+; evaluator at [\d.:]+",
+        r"Fleet ready after \d+\.\ds: 3 of 3 workers and the evaluator",
+    ]
+    expected += [pattern for number in range(1, ROUNDS + 1) for pattern in round_layout(number)]
     assert len(lines) == len(expected), lines
     for line, pattern in zip(lines, expected):
         assert re.fullmatch(pattern, line), (pattern, line)
@@ -116,6 +121,6 @@ def test_coordinator_cli_names_an_unreachable_worker(fleet: Fleet, tmp_path: Pat
     done = coordinator(fleet, tmp_path, workers, "--rounds", "1", "--connect-timeout", "2")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and re.search(r"only 1 of 2 workers answered .*\bbob: DEADLINE_EXCEEDED", errors[0]), done.stderr
+    assert len(errors) == 1 and re.search(r"only 1 of the 2 workers answered .*\bbob at [\d.:]+: never answered: UNAVAILABLE", errors[0]), done.stderr
     assert "alice:" not in errors[0]
     assert not (tmp_path / "model.safetensors").exists()

@@ -374,3 +374,15 @@ def test_token_file_is_read_and_checked(tmp_path: Path):
         read_token(str(weak))
     with pytest.raises(InvalidConfig, match="--token-file .*cannot read"):
         read_token(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("host, who", [
+    ("0.0.0.0", "anyone on the network"), ("10.0.0.11", "anyone on the network"),
+    ("127.0.0.1", "any user of this machine"), ("::1", "any user of this machine"),
+    ("localhost", "any user of this machine"),
+])
+def test_the_plaintext_warning_says_who_can_listen(caplog, host, who):
+    logger = logging.getLogger("worker")
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        tls.warn_plaintext(logger, f"worker alice on {host}:8777", host)
+    assert f"without TLS: {who} can read the weights" in caplog.text

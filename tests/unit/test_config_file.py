@@ -52,3 +52,35 @@ def test_bad_files_name_the_key(tmp_path, text, field):
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(InvalidConfig, match="cannot read"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_wrong_types_read_as_english(tmp_path):
+    path = tmp_path / "federation.toml"
+    path.write_text("[federation]\nrounds = 'forty'\n")
+    with pytest.raises(InvalidConfig, match=r"\[federation\] rounds = 'forty' must be an integer"):
+        load_config(path)
+
+
+def test_a_binary_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "federation.toml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InvalidConfig, match="is not a text file"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("argv, toml", [(["--min-workers", "all"], ""), ([], "[faults]\nmin_workers = 'all'\n")])
+def test_min_workers_all_requires_the_whole_fleet(tmp_path, argv, toml):
+    path = tmp_path / "federation.toml"
+    path.write_text(toml + "[workers.a]\naddress = 'h:1'\n[workers.b]\naddress = 'h:2'\n[workers.c]\naddress = 'h:3'\n")
+    settings = settings_from(parse_args(["--config", str(path), *argv]))
+    assert settings.quorum == 3
+
+
+def test_min_workers_takes_a_number_or_all_only(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--min-workers", "most"])
+    assert "'most' is neither a number nor 'all'" in capsys.readouterr().err
+    path = tmp_path / "federation.toml"
+    path.write_text("[faults]\nmin_workers = 'most'\n")
+    with pytest.raises(InvalidConfig, match='min_workers = \'most\' must be an integer or "all"'):
+        load_config(path)

@@ -1,0 +1,39 @@
+"""Checkpoint files: whole or absent, round-tripped exactly, and readable like the
+run's other outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from coordinator import checkpoint
+
+
+def state() -> dict:
+    return {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor(3)}
+
+
+def test_a_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, 7, state(), "mnist-cnn", {"seed": 1})
+    saved = checkpoint.load(tmp_path)
+    assert saved is not None and saved.round == 7 and saved.run == {"seed": 1}
+    assert all(torch.equal(saved.state[k], v) for k, v in state().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global-000007.safetensors", "state.json"]
+
+
+def test_the_model_file_has_the_mode_of_the_other_outputs(tmp_path: Path) -> None:
+    """safetensors' save_file creates 0600 files; the model must follow the umask like
+    metrics.jsonl does, so a report or a copy by another user works."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.write_model(tmp_path / "model.safetensors", state(), "mnist-cnn", 40)
+        (tmp_path / "metrics.jsonl").write_text("{}\n")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "metrics.jsonl": 0o644}
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(loaded["w"], state()["w"])
