@@ -5,7 +5,9 @@ nothing is drawn; the round lines and the log say the same in plain text."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+import logging
+import sys
+from typing import Any, List, Optional, Tuple
 
 from coordinator.board import CONNECTING, DONE, FAILED, IDLE, STARTING, TRAINING, RunBoard
 
@@ -44,6 +46,17 @@ def render(board: RunBoard) -> Any:
     return table
 
 
+def _route_logs(stream: Any) -> List[Tuple[logging.StreamHandler, Any]]:
+    """Point the root logger's stream handlers at `stream` (rich's stderr proxy while the
+    panel is live, so log lines print above it instead of tearing it); returns the
+    previous streams. The handlers captured the real stderr when logging was set up."""
+    previous = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            previous.append((handler, handler.setStream(stream)))
+    return previous
+
+
 class Progress:
     """Owns the terminal while a run goes: lines passed to `say` print above the panel."""
 
@@ -55,18 +68,22 @@ class Progress:
         self._console = Console()
         self._live = Live(render(board), console=self._console, refresh_per_second=4, transient=True)
         self._task: Optional[asyncio.Future] = None
+        self._log_streams: List[Tuple[logging.StreamHandler, Any]] = []
 
     def say(self, line: str) -> None:
         self._console.print(line, highlight=False, markup=False)
 
     async def __aenter__(self) -> "Progress":
         self._live.start()
+        self._log_streams = _route_logs(sys.stderr)
         self._task = asyncio.ensure_future(self._follow())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
+        for handler, stream in self._log_streams:
+            handler.setStream(stream)
         self._live.stop()
 
     async def _follow(self) -> None:
