@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 from coordinator.config_file import load_config
 from coordinator.federation import RunSummary
 from coordinator.runner import run
-from coordinator.settings import WEIGHTINGS, RunSettings
+from coordinator.settings import DEFAULT_MAX_NORM_RATIO, WEIGHTINGS, RunSettings
 from jetfed import logs, stream, tls
 from jetfed.signals import cancel_on_signals
 from jetfed.auth import add_token_argument, read_token
@@ -45,7 +45,8 @@ DEFAULTS = {
     "worker": [], "evaluator": None, "rounds": 40, "eval_every": 10, "model": DEFAULT_MODEL,
     "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
     "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
-    "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "out": None,
+    "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "max_norm_ratio": DEFAULT_MAX_NORM_RATIO,
+    "out": None,
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": stream.DEFAULT_MAX_PAYLOAD_BYTES,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
     "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO", "status_address": None,
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--epochs", type=int)
     flag("--seed", "seeds the initial model and every worker's shuffling", type=int)
     flag("--weighting", "FedAvg weights: examples trained, or equal", choices=WEIGHTINGS)
+    flag("--max-norm-ratio", "drop an update whose change to the global model is over this multiple of the "
+         "round's median change (needs 3 updates or more)", type=float)
     flag("--out", "output folder (default: runs/<timestamp>)", type=Path)
     flag("--chunk-bytes", type=int)
     flag("--max-payload-bytes", type=int)
@@ -128,6 +131,7 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         out_dir=Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S"),
         rounds=values["rounds"], eval_every=values["eval_every"], model=values["model"], train=train,
         lr_decay=values["lr_decay"], lr_min_factor=values["lr_min_factor"], weighting=values["weighting"],
+        max_norm_ratio=values["max_norm_ratio"],
         chunk_bytes=values["chunk_bytes"], max_payload_bytes=values["max_payload_bytes"],
         round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],
         connect_timeout=values["connect_timeout"],

@@ -27,7 +27,7 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
                    "metrics_address": str},
     "training": {
         "optimizer": str, "lr": float, "lr_decay": float, "lr_min_factor": float, "momentum": float,
-        "batch_size": int, "batches": int, "epochs": int, "weighting": str,
+        "batch_size": int, "batches": int, "epochs": int, "weighting": str, "max_norm_ratio": float,
     },
     "faults": {
         "round_timeout": float, "eval_timeout": float, "connect_timeout": float, "min_workers": WorkerCount,

@@ -1,7 +1,7 @@
 """The round loop: send the global model to the workers at once, average what comes
-back in time, score on schedule, checkpoint. Transport lives in clients, arithmetic in
-fedavg, backoff in roster, persistence in checkpoint, output in report; this module
-only sequences them."""
+back in time and passes screening, score on schedule. Transport lives in clients,
+screening in screening, arithmetic in fedavg, backoff in roster, output in report;
+this module only sequences them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 import torch
 
-from coordinator import report
+from coordinator import report, screening
 from coordinator.board import RunBoard
 from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient
 from coordinator.fedavg import fedavg
@@ -199,48 +199,83 @@ class Federation:
             self.board.worker_failed(name, reason)
             log.warning("worker=%s address=%s unreachable at start: %s", name, self.workers[name].address, reason)
 
-    async def _attempt(self, round_number: int, names: List[str], record: Dict[str, Any]) -> List[Update]:
+    async def _attempt(
+        self, round_number: int, names: List[str], record: Dict[str, Any],
+    ) -> Tuple[List[Update], Dict[str, float]]:
+        """Ask `names` to train; return the updates that arrived and passed screening,
+        with the delta norm of each update that was measured."""
         settings = self.settings
         config = replace(settings.train, lr=settings.lr_for(round_number))
         self.board.start_round(round_number, names)
         results = await asyncio.gather(*(self._train(n, round_number, config) for n in names), return_exceptions=True)
-        updates = []
+        arrived = []
         for name, result in zip(names, results):
             if isinstance(result, Update):
-                updates.append(result)
-                self.roster.succeeded(name, round_number)
-                self.board.worker_done(name, round_number, result.train_seconds, result.mean_loss)
-                record["failed"].pop(name, None)
+                arrived.append(result)
                 continue
             if not isinstance(result, Exception):
                 raise result
-            reason = describe_failure(result)
             if isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 record["late"].append(name)
-            record["failed"][name] = reason
-            delay = self.roster.failed(name, reason)
-            self.board.worker_failed(name, reason)
-            log.warning("round=%d worker=%s status=%s retry_in=%.1fs", round_number, name, reason, delay)
-        return updates
+            # It may come back restarted, with other data: ask its GetInfo again then.
+            self._infos.pop(name, None)
+            self._failed(round_number, name, describe_failure(result), record)
+        rejected, norms = self._screen(arrived, config)
+        updates = []
+        for update in arrived:
+            if update.worker in rejected:
+                self._failed(round_number, update.worker, rejected[update.worker], record)
+                continue
+            updates.append(update)
+            self.roster.succeeded(update.worker, round_number)
+            self.board.worker_done(update.worker, round_number, update.train_seconds, update.mean_loss)
+            record["failed"].pop(update.worker, None)
+        return updates, norms
+
+    def _screen(self, arrived: List[Update], config: TrainConfig) -> Tuple[Dict[str, str], Dict[str, float]]:
+        """Reasons to drop updates (an impossible example count, then a delta norm far
+        above the round's median) and the delta norm of each update with a possible count."""
+        rejected: Dict[str, str] = {}
+        for update in arrived:
+            problem = screening.claim_problem(update.num_examples, config, self._infos[update.worker].dataset_size)
+            if problem:
+                rejected[update.worker] = problem
+        norms = {u.worker: screening.delta_norm(u.weights.state, self.global_weights.state)
+                 for u in arrived if u.worker not in rejected}
+        rejected.update(screening.norm_outliers(norms, self.settings.max_norm_ratio))
+        return rejected, norms
+
+    def _failed(self, round_number: int, name: str, reason: str, record: Dict[str, Any]) -> None:
+        record["failed"][name] = reason
+        delay = self.roster.failed(name, reason)
+        self.board.worker_failed(name, reason)
+        log.warning("round=%d worker=%s status=%s retry_in=%.1fs", round_number, name, reason, delay)
 
     async def _train(self, name: str, round_number: int, config: TrainConfig) -> Update:
         """One worker's Train, timed as the coordinator sees it (both transfers included);
-        a failed call is not a training time."""
+        a failed call is not a training time. A worker not heard from since its last
+        failure (or since the start) is asked its GetInfo first, within the same
+        deadline: the data set it announces bounds the examples it may claim."""
         started = time.perf_counter()
-        update = await self.workers[name].train(round_number, config, self.global_weights, self.settings.round_timeout)
+        deadline = self.settings.round_timeout
+        if name not in self._infos:
+            self._infos[name] = await self.workers[name].info(timeout=deadline, wait=False)
+        left = deadline - (time.perf_counter() - started)
+        update = await self.workers[name].train(round_number, config, self.global_weights, left)
         self.telemetry.observe_train(name, time.perf_counter() - started)
         return update
 
     async def train_round(self, round_number: int) -> Dict[str, Any]:
         """One round: every due worker trains; the updates that arrive within the round's
-        deadline are averaged if they reach the quorum. Otherwise the round is tried
-        again (everyone asked, the global model untouched) up to --round-retries times."""
+        deadline and pass screening are averaged if they reach the quorum. Otherwise the
+        round is tried again (everyone asked, the global model untouched) up to
+        --round-retries times."""
         settings = self.settings
         record: Dict[str, Any] = {"round": round_number, "lr": settings.lr_for(round_number), "failed": {}, "late": []}
         for attempt in range(1, settings.round_retries + 2):
             names = self.roster.due(everyone=attempt > 1)
             record["skipped"] = [n for n in self.roster.names if n not in names]
-            updates = await self._attempt(round_number, names, record)
+            updates, norms = await self._attempt(round_number, names, record)
             if len(updates) >= settings.quorum:
                 break
             if attempt <= settings.round_retries:
@@ -261,7 +296,7 @@ class Federation:
             "workers": [u.worker for u in updates],
             "updates": {
                 u.worker: {"num_examples": u.num_examples, "mean_loss": u.mean_loss,
-                           "train_seconds": u.train_seconds, "device": u.device}
+                           "train_seconds": u.train_seconds, "device": u.device, "delta_norm": norms[u.worker]}
                 for u in updates
             },
         })

@@ -14,6 +14,17 @@ from jetfed.models import DEFAULT_MODEL, build_model
 from jetfed.tls import TlsFiles
 
 WEIGHTINGS = ("examples", "equal")
+# Rounds travel as uint32 (TrainHeader.round, RunStatus.round and .rounds).
+MAX_ROUNDS = 2**32 - 1
+# No call or wait lasts longer than a week: beyond it a value is a typo, and gRPC and
+# asyncio deadlines overflow long before float does.
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_ROUND_RETRIES = 1000
+# The largest update a coordinator buffers per worker; each is held in memory whole.
+MAX_PAYLOAD_BYTES = 4 << 30
+# An update whose delta norm exceeds this multiple of the round's median is dropped.
+DEFAULT_MAX_NORM_RATIO = 10.0
+MAX_NORM_RATIO = 1e6
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class RunSettings:
     lr_decay: float = 0.98
     lr_min_factor: float = 0.01
     weighting: str = "examples"
+    max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO
     chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES
     max_payload_bytes: int = stream.DEFAULT_MAX_PAYLOAD_BYTES
     round_timeout: float = 300.0
@@ -50,32 +62,35 @@ class RunSettings:
         return self.min_workers if self.min_workers is not None else len(self.workers) // 2 + 1
 
     def validated(self) -> "RunSettings":
+        """Every field against what it must mean and what the wire and the status
+        contract can carry, so a value is refused at start, never wrapped or garbled."""
         if not self.workers:
             raise InvalidConfig("workers: at least one worker is needed (--worker NAME=HOST:PORT)")
-        if self.rounds < 1:
-            raise InvalidConfig(f"rounds: {self.rounds} must be at least 1")
-        if self.eval_every < 1:
-            raise InvalidConfig(f"eval_every: {self.eval_every} must be at least 1")
+        _check_int("rounds", self.rounds, 1, MAX_ROUNDS)
+        _check_int("eval_every", self.eval_every, 1, MAX_ROUNDS)
         if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
             raise InvalidConfig(f"lr_decay: {self.lr_decay} must be in (0, 1]")
         if not (math.isfinite(self.lr_min_factor) and 0 <= self.lr_min_factor <= 1):
             raise InvalidConfig(f"lr_min_factor: {self.lr_min_factor} must be in [0, 1]")
         if self.weighting not in WEIGHTINGS:
             raise InvalidConfig(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        if not (math.isfinite(self.max_norm_ratio) and 1 < self.max_norm_ratio <= MAX_NORM_RATIO):
+            raise InvalidConfig(f"max_norm_ratio: {self.max_norm_ratio} must be a number in (1, {MAX_NORM_RATIO:g}]")
         if not 1 <= self.quorum <= len(self.workers):
             raise InvalidConfig(f"min_workers: {self.quorum} must be in 1..{len(self.workers)} (the workers given)")
-        if self.round_retries < 0:
-            raise InvalidConfig(f"round_retries: {self.round_retries} must be 0 or more")
+        _check_int("round_retries", self.round_retries, 0, MAX_ROUND_RETRIES)
         for name, value in (
             ("round_timeout", self.round_timeout), ("eval_timeout", self.eval_timeout),
             ("connect_timeout", self.connect_timeout), ("max_backoff", self.max_backoff),
         ):
-            if not (math.isfinite(value) and value > 0):
-                raise InvalidConfig(f"{name}: {value} must be a positive number of seconds")
+            if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+                raise InvalidConfig(f"{name}: {value} must be a number of seconds in (0, {MAX_SECONDS:.0f}]")
         for name, address in (("status_address", self.status_address), ("metrics_address", self.metrics_address)):
-            if address is not None and not address.rpartition(":")[2].isdigit():
-                raise InvalidConfig(f"{name}: {address!r} is not HOST:PORT")
+            port = address.rpartition(":")[2] if address is not None else "0"
+            if not (port.isdigit() and int(port) <= 65535):
+                raise InvalidConfig(f"{name}: {address!r} is not HOST:PORT with a port in 0..65535")
         stream.check_chunk_size(self.chunk_bytes)
+        _check_int("max_payload_bytes", self.max_payload_bytes, 1, MAX_PAYLOAD_BYTES)
         build_model(self.model)
         self.train.validated()
         return self
@@ -89,3 +104,9 @@ class RunSettings:
     def evaluates(self, round_number: int) -> bool:
         """Rounds 1, 1+k, 1+2k, ... and the last, as in the reference (k = 10)."""
         return (round_number - 1) % self.eval_every == 0 or round_number == self.rounds
+
+
+def _check_int(name: str, value: int, low: int, high: int) -> None:
+    """An integer field within `low`..`high`; a TOML float or a bool is refused too."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidConfig(f"{name}: {value!r} must be an integer in {low}..{high}")

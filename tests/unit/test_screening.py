@@ -1,0 +1,55 @@
+"""Screening of updates: the example-count bound follows the worker's training loop,
+the delta norm ignores integer buffers, and the median rule needs three updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coordinator import screening
+from jetfed.config import TrainConfig
+from jetfed.training import DeviceData, train_round
+from jetfed.models import build_model
+
+
+@pytest.mark.parametrize("batches, batch_size, epochs, size", [(10, 32, 1, 1000), (0, 32, 2, 77), (5, 7, 3, 20),
+                                                               (3, 10, 1, 30), (4, 10, 1, 31)])
+def test_the_bound_is_what_an_honest_worker_trains_on(batches, batch_size, epochs, size):
+    config = TrainConfig(batch_size=batch_size, max_batches=batches, epochs=epochs)
+    torch.manual_seed(0)
+    data = DeviceData(torch.randn(size, 1, 28, 28), torch.randint(0, 10, (size,)))
+    honest = train_round(build_model("mnist-cnn"), data, config, seed=1).num_examples
+    assert screening.max_examples(config, size) == honest
+    assert screening.claim_problem(honest, config, size) is None
+
+
+@pytest.mark.parametrize("claimed", [0, 321, 2**63 - 1, 2**64 - 1])
+def test_an_impossible_claim_names_the_figures(claimed):
+    problem = screening.claim_problem(claimed, TrainConfig(batch_size=32, max_batches=10), 4000)
+    assert problem == (f"REJECTED: claims {claimed} training examples, the round allows 1..320 "
+                       "(10 batches x 32 x 1 epochs over the 4000 examples its GetInfo announced)")
+
+
+def test_the_delta_norm_covers_floating_tensors_only():
+    base = {"w": torch.zeros(2, 2), "n": torch.tensor(0)}
+    update = {"w": torch.tensor([[3.0, 0.0], [0.0, 4.0]]), "n": torch.tensor(1000)}
+    assert screening.delta_norm(update, base) == 5.0
+
+
+def test_an_update_over_the_median_multiple_is_dropped_with_its_figures():
+    dropped = screening.norm_outliers({"a": 1.0, "b": 1.2, "c": 0.9, "d": 50.0}, 10.0)
+    assert dropped == {"d": "REJECTED: delta norm 50 is 45.5x the median 1.1 of the round's 4 updates "
+                            "(limit 10x, --max-norm-ratio)"}
+    assert screening.norm_outliers({"a": 1.0, "b": 9.9, "c": 1.0}, 10.0) == {}
+
+
+def test_two_updates_cannot_be_told_apart():
+    assert screening.norm_outliers({"a": 1.0, "b": 1e9}, 10.0) == {}
+
+
+def test_a_zero_median_drops_every_update_that_moved():
+    dropped = screening.norm_outliers({"a": 0.0, "b": 0.0, "c": 2.0}, 10.0)
+    assert list(dropped) == ["c"] and "infx the median 0" in dropped["c"]
+    assert not math.isnan(screening.delta_norm({"w": torch.ones(1)}, {"w": torch.ones(1)}))
