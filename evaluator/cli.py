@@ -9,7 +9,9 @@ from typing import List, Optional
 
 from jetfed import devices
 from jetfed.data import format_counts, load_mnist, resolve_data_dir
-from jetfed.service_cli import host_until_signal, run_service, server_security, service_parser, start_telemetry
+from jetfed.service_cli import (
+    host_until_signal, max_payload_bytes, run_service, server_security, service_parser, start_telemetry, stream_limit,
+)
 from jetfed.scoring import Scorer
 from jetfed.training import DeviceData
 from jetfed.v1 import evaluator_pb2, evaluator_pb2_grpc
@@ -19,7 +21,8 @@ log = logging.getLogger("evaluator")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = service_parser("jetfed evaluator", __doc__, default_port=8780)
+    # The coordinator scores every update and the global model at once: room for 7 workers.
+    parser = service_parser("jetfed evaluator", __doc__, default_port=8780, default_streams=8)
     parser.add_argument("--name", default="testing", help="this evaluator's name")
     parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
     return parser.parse_args(argv)
@@ -28,24 +31,26 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     descriptor = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"]
     security = server_security(args, descriptor, f"evaluator {args.name} on {args.host}:{args.port}")
+    admission = stream_limit(args, descriptor, ["Evaluate"], f"evaluator {args.name}")
+    payload_limit = max_payload_bytes(args)
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     data = load_mnist(resolve_data_dir(args.data_dir), "test", download=not args.no_download)
     counts = data.label_counts()
     print(f"MNIST test set on {args.name}: {format_counts(counts)}", flush=True)
     label = devices.describe(device)
-    log.info("evaluator=%s device=%s model=%s", args.name, label, args.model)
+    log.info("evaluator=%s device=%s model=%s max_payload_bytes=%d", args.name, label, args.model, payload_limit)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     telemetry = start_telemetry(args)
     scorer = Scorer(
-        args.model, DeviceData.from_images(data, device), label, executor, args.max_payload_bytes,
+        args.model, DeviceData.from_images(data, device), label, executor, payload_limit,
         args.batch_size, args.receive_timeout, telemetry,
     )
     scorer.warm_up()
     service = EvaluatorService(args.name, scorer, counts, label)
     await host_until_signal(
         args, descriptor, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server),
-        security, executor, telemetry,
+        security, executor, telemetry, admission,
     )
 
 

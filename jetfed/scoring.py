@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Optional
 from jetfed import codec, wire
 from jetfed.errors import InvalidConfig
 from jetfed.models import NUM_CLASSES, build_model
+from jetfed.status import echo
 from jetfed.telemetry import Telemetry
 from jetfed.training import DeviceData, Evaluation, evaluate
 from jetfed.v1 import evaluation_pb2
@@ -56,7 +57,7 @@ class Scorer:
             result: Evaluation = await loop.run_in_executor(self._executor, self._run, state, batch_size)
         log.info(
             "evaluate tag=%s correct=%d/%d loss=%.4f seconds=%.2f",
-            head.tag or "-", result.correct, result.total, result.loss, result.seconds,
+            echo(head.tag) or "-", result.correct, result.total, result.loss, result.seconds,
         )
         return evaluation_pb2.EvaluateResponse(
             correct=result.correct, total=result.total, loss=result.loss,

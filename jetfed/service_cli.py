@@ -12,14 +12,16 @@ from typing import Awaitable, Callable, List, Optional, Tuple
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from jetfed import logs, readiness, serving, stream, tls
+from jetfed import codec, logs, readiness, serving, stream, tls
+from jetfed.admission import SETTING as STREAMS_SETTING
+from jetfed.admission import ConcurrencyLimit
 from jetfed.auth import CallerAuthorization, add_token_argument, read_token, service_methods
-from jetfed.errors import JetfedError
-from jetfed.models import DEFAULT_MODEL, model_names
+from jetfed.errors import InvalidConfig, JetfedError
+from jetfed.models import DEFAULT_MODEL, build_model, model_names
 from jetfed.telemetry import RpcMetricsInterceptor, Telemetry
 
 
-def service_parser(prog: str, description: str, default_port: int) -> argparse.ArgumentParser:
+def service_parser(prog: str, description: str, default_port: int, default_streams: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     parser.add_argument("--port", type=int, default=default_port, help=f"port to bind (default {default_port}); 0 picks a free one")
@@ -29,8 +31,12 @@ def service_parser(prog: str, description: str, default_port: int) -> argparse.A
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=model_names())
     parser.add_argument("--threads", type=int, help="torch CPU threads (give co-located services a fair share)")
     parser.add_argument(
-        "--max-payload-bytes", type=int, default=stream.DEFAULT_MAX_PAYLOAD_BYTES,
-        help="largest weight stream accepted",
+        "--max-payload-bytes", type=int,
+        help="largest weight stream accepted (default: the served model's size plus 10%% and 1 MiB)",
+    )
+    parser.add_argument(
+        STREAMS_SETTING, type=int, default=default_streams,
+        help=f"weight streams received at once; more are refused with RESOURCE_EXHAUSTED (default {default_streams})",
     )
     parser.add_argument(
         "--receive-timeout", type=float, default=120.0,
@@ -63,6 +69,23 @@ def server_security(
     return (files.server_credentials() if files else None), [guard]
 
 
+def max_payload_bytes(args: argparse.Namespace) -> int:
+    """--max-payload-bytes, or by default what the served model needs (stream.payload_limit
+    of the largest encoding of its tensors): a limit that follows the model never lets a
+    stream buffer hundreds of megabytes for a model of two."""
+    if args.max_payload_bytes is None:
+        spec = codec.spec_of(build_model(args.model).state_dict())
+        return stream.payload_limit(codec.payload_size_range(spec)[1])
+    if args.max_payload_bytes < 1:
+        raise InvalidConfig(f"--max-payload-bytes: {args.max_payload_bytes} must be at least 1")
+    return args.max_payload_bytes
+
+
+def stream_limit(args: argparse.Namespace, service: ServiceDescriptor, methods: List[str], who: str) -> ConcurrencyLimit:
+    """The --max-concurrent-streams guard over `methods` (short names) of `service`."""
+    return ConcurrencyLimit([f"/{service.full_name}/{m}" for m in methods], args.max_concurrent_streams, who)
+
+
 def start_telemetry(args: argparse.Namespace) -> Telemetry:
     """The service's metrics, always recorded; scrapeable only when --metrics-port is given."""
     telemetry = Telemetry()
@@ -75,14 +98,17 @@ def start_telemetry(args: argparse.Namespace) -> Telemetry:
 async def host_until_signal(
     args: argparse.Namespace, descriptor: ServiceDescriptor, add_servicer: Callable[[grpc.aio.Server], None],
     security: Tuple[Optional[grpc.ServerCredentials], List[grpc.aio.ServerInterceptor]], executor: Executor,
-    telemetry: Telemetry,
+    telemetry: Telemetry, admission: ConcurrencyLimit,
 ) -> None:
     """Serve one service (with health and reflection) until SIGTERM/SIGINT, then let the
-    torch thread go. systemd hears READY=1 once the port serves (Type=notify units). Metrics come first among the interceptors, so refused calls count."""
+    torch thread go. systemd hears READY=1 once the port serves (Type=notify units).
+    Metrics come first among the interceptors, so refused calls count; admission comes
+    before the caller check, so a guarded client hears it was admitted (jetfed.auth's
+    ADMITTED) only once both let it in, and starts writing only then."""
     credentials, interceptors = security
     running = await serving.start_server(
         [serving.Service(descriptor.full_name, add_servicer)], args.host, args.port, credentials,
-        [RpcMetricsInterceptor(telemetry), *interceptors],
+        [RpcMetricsInterceptor(telemetry), admission, *interceptors],
     )
     readiness.notify("READY=1")
     try:

@@ -11,6 +11,14 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 3 << 20
 DEFAULT_MAX_PAYLOAD_BYTES = 512 << 20
 MAX_MESSAGE_BYTES = 4 << 20
+PAYLOAD_MARGIN_BYTES = 1 << 20
+
+
+def payload_limit(model_bytes: int) -> int:
+    """A service's default --max-payload-bytes: the largest payload its model can have,
+    plus 10% and 1 MiB, so no stream buffers much more than a model while a model
+    never meets the limit."""
+    return model_bytes + model_bytes // 10 + PAYLOAD_MARGIN_BYTES
 
 
 def check_chunk_size(chunk_bytes: int) -> int:

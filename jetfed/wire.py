@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Tuple, TypeVar
 
+from google.protobuf.message import DecodeError
+
 from jetfed import stream
 from jetfed.codec import Manifest, TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.errors import BadStream, JetfedError, StreamStalled
+from jetfed.status import echo
 from jetfed.v1 import training_pb2, weights_pb2
 
 M = TypeVar("M")
+
+# Far above any model in the registry (resnet18 has 122 tensors, mobilenet_v3_small
+# 244), far below what a 4 MiB header can list: the manifest's objects are built only
+# under this bound, and codec.check_manifest then demands the served model's exact set.
+MAX_MANIFEST_TENSORS = 4096
 
 _OPTIMIZERS = {"sgd": training_pb2.OPTIMIZER_SGD, "adam": training_pb2.OPTIMIZER_ADAM}
 _LOSSES = {"nll": training_pb2.LOSS_NLL}
@@ -32,6 +40,10 @@ def manifest_to_proto(manifest: Manifest) -> weights_pb2.WeightManifest:
 
 
 def manifest_from_proto(message: weights_pb2.WeightManifest) -> Manifest:
+    if len(message.tensors) > MAX_MANIFEST_TENSORS:
+        raise BadStream(
+            f"manifest.tensors: {len(message.tensors)} listed, more than the {MAX_MANIFEST_TENSORS} a manifest may hold"
+        )
     return Manifest(
         model=message.model,
         format=message.format,
@@ -98,11 +110,12 @@ async def read_weight_stream(
     `check_head(head, manifest)` (which may raise) and the size limit judge the header
     before any chunk is buffered, so a wrong model or an oversized stream costs the
     receiver nothing; a stream that takes longer than `timeout` seconds is abandoned.
-    `on_bytes` learns each chunk's size as it arrives.
+    `on_bytes` learns each chunk's size as it arrives. A message that is not valid
+    protobuf is a BadStream, like any other break of the protocol.
     """
     try:
         return await asyncio.wait_for(
-            _read_weight_stream(messages, head_field, max_bytes, check_head, on_bytes), timeout
+            _read_weight_stream(_parsed(messages), head_field, max_bytes, check_head, on_bytes), timeout
         )
     except asyncio.TimeoutError:
         raise StreamStalled(f"{head_field}: the weight stream did not complete within {timeout:.0f}s") from None
@@ -126,10 +139,7 @@ async def _read_weight_stream(
             try:
                 check_head(head, manifest)
             except JetfedError:
-                # Discard the rest unbuffered: a gRPC client still writing when the call
-                # ends sees INTERNAL instead of this status (grpc/grpc#36066).
-                async for _ in messages:
-                    pass
+                await _discard(messages)
                 raise
         elif kind == "chunk":
             on_bytes(len(message.chunk.data))
@@ -139,3 +149,26 @@ async def _read_weight_stream(
     if head is None or manifest is None or assembler is None:
         raise BadStream(f"{head_field}: the stream ended before the {head_field}")
     return head, manifest, assembler.finish()
+
+
+async def _parsed(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`messages` with grpc's deserialization failure (raised by the request iterator,
+    before any servicer code sees the message) turned into a BadStream."""
+    count = 0
+    try:
+        async for message in messages:
+            count += 1
+            yield message
+    except DecodeError as exc:
+        raise BadStream(f"stream: message {count + 1} is not valid protobuf ({echo(str(exc))})") from None
+
+
+async def _discard(messages: AsyncIterator[Any]) -> None:
+    """Read the rest unbuffered once the stream is refused: a gRPC client still writing
+    when the call ends sees INTERNAL instead of the refusal (grpc/grpc#36066). A garbage
+    message ends the discarding; the refusal already found stands."""
+    try:
+        async for _ in messages:
+            pass
+    except BadStream:
+        pass
