@@ -20,7 +20,8 @@ all: install
 
 install: $(STAMP) $(STUBS)
 
-$(STAMP): pyproject.toml requirements/dev.txt
+# dev.txt includes the shared lists, so a change to any of them reinstalls.
+$(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . || $(BIN)/pip install --quiet --no-deps -e .

@@ -42,7 +42,7 @@ echo "code -> $src"
 rm -rf "$src"
 mkdir -p "$src"
 cp -R "$repo/jetfed" "$repo/worker" "$repo/evaluator" "$repo/coordinator" "$repo/protos" \
-    "$repo/pyproject.toml" "$repo/README.md" "$src/"
+    "$repo/requirements" "$repo/pyproject.toml" "$repo/README.md" "$src/"
 find "$src" -name __pycache__ -prune -exec rm -rf {} +
 
 have_stubs() { ls "$src"/jetfed/v1/*_pb2_grpc.py >/dev/null 2>&1; }
@@ -70,9 +70,11 @@ else
     "$PYTHON" -m venv --system-site-packages "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     have_stubs || generate_stubs "$venv/bin/python"
-    # Never let pip resolve torch: a PyPI wheel has no Jetson CUDA.
-    "$venv/bin/python" -m pip install --quiet "grpcio>=1.70,<2" "protobuf>=5.29,<8" \
-        "grpcio-health-checking>=1.70,<2" "grpcio-reflection>=1.70,<2" "safetensors>=0.4"
+    # The runtime list pyproject.toml reads too; the venv's own pip evaluates its markers
+    # (tomli below Python 3.11). Never let pip resolve torch: a PyPI wheel has no Jetson
+    # CUDA, so torch is in no list installed here and jetfed goes in with --no-deps.
+    echo "runtime dependencies: $src/requirements/runtime.txt"
+    "$venv/bin/python" -m pip install --quiet -r "$src/requirements/runtime.txt"
     "$venv/bin/python" -m pip install --quiet --no-deps "$src"
     "$venv/bin/python" -c 'import torch' 2>/dev/null \
         || echo "WARNING: this Python has no torch: install JetPack's torch wheel (deploy/jetson/README.md)" >&2

@@ -30,7 +30,7 @@ def test_install_lays_out_the_tree(tmp_path: Path) -> None:
                  "evaluator/cli.py", "coordinator/cli.py", "protos/jetfed/v1/worker.proto"):
         assert (src / path).is_file(), path
     assert sorted(p.name for p in src.iterdir()) == sorted(
-        ["coordinator", "evaluator", "jetfed", "protos", "pyproject.toml", "README.md", "worker"])
+        ["coordinator", "evaluator", "jetfed", "protos", "pyproject.toml", "README.md", "requirements", "worker"])
     assert not list(src.rglob("__pycache__"))
     assert sorted(p.name for p in (tmp_path / "etc/systemd/system").iterdir()) == sorted(UNITS)
     assert sorted(p.name for p in (tmp_path / "etc/jetfed").iterdir()) == sorted(ENV_FILES)
@@ -63,7 +63,8 @@ def test_second_install_keeps_edited_env_files(tmp_path: Path) -> None:
 
 def test_missing_stubs_without_venv_fail_clearly(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    for name in ("jetfed", "worker", "evaluator", "coordinator", "protos", "pyproject.toml", "README.md", "deploy"):
+    for name in ("jetfed", "worker", "evaluator", "coordinator", "protos", "requirements", "pyproject.toml", "README.md",
+                 "deploy"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, repo / name)
     shutil.rmtree(repo / "jetfed/v1")
     with pytest.raises(AssertionError, match="stubs are missing"):
