@@ -1,9 +1,12 @@
 """Crash-safe run state: after every completed round the global model and the run's
-state are written to temporary names and renamed into place, so a coordinator killed at
-any instant resumes from the last whole round.
+state are written to temporary names, synced, and renamed into place (the folder synced
+too), so a coordinator killed or a machine losing power at any instant resumes from the
+last whole round.
 
 The state file names the model file and its SHA-256; the model file carries its round
-in its name, so the two can never be paired wrongly.
+in its name, so the two can never be paired wrongly. The state file also carries the
+round's metrics record: it is written before metrics.jsonl, so a crash between the two
+leaves a record that --resume puts back, never a metrics line without its checkpoint.
 """
 
 from __future__ import annotations
@@ -33,15 +36,29 @@ class Checkpoint:
     round: int
     state: StateDict
     run: Dict[str, Any]
+    # The round's metrics.jsonl record; None in checkpoints written before it was kept.
+    record: Optional[Dict[str, Any]] = None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def sync_directory(folder: Path) -> None:
+    """Make a rename or a new file in `folder` survive a power loss: the file's own
+    fsync does not persist its directory entry."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`data` at `path` whole or not at all, durable once this returns."""
     partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     partial.replace(path)
+    sync_directory(path.parent)
 
 
 def write_model(path: Path, state: StateDict, model: str, round_number: int) -> None:
@@ -49,16 +66,20 @@ def write_model(path: Path, state: StateDict, model: str, round_number: int) -> 
     Written by us rather than safetensors' save_file, which creates files 0600: a model
     gets the same mode as the run's other outputs (0666 less the umask)."""
     data = safetensors_bytes({k: v.contiguous() for k, v in state.items()}, metadata={"model": model, "round": str(round_number)})
-    _write_atomically(path, data)
+    write_atomically(path, data)
 
 
-def save(folder: Path, round_number: int, state: StateDict, model: str, run: Dict[str, Any]) -> Path:
+def save(
+    folder: Path, round_number: int, state: StateDict, model: str, run: Dict[str, Any], record: Dict[str, Any],
+) -> Path:
+    """Checkpoint a completed round: its model, then the state file naming it (the commit
+    point), then the older models go."""
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / f"global-{round_number:06d}.safetensors"
     write_model(model_path, state, model, round_number)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    record = {"round": round_number, "model_file": model_path.name, "sha256": digest, "run": run}
-    _write_atomically(folder / STATE_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    saved = {"round": round_number, "model_file": model_path.name, "sha256": digest, "run": run, "record": record}
+    write_atomically(folder / STATE_FILE, json.dumps(saved, indent=2, sort_keys=True).encode())
     for old in folder.glob("global-*.safetensors"):
         if old != model_path:
             old.unlink()
@@ -78,4 +99,4 @@ def load(folder: Path) -> Optional[Checkpoint]:
         raise CheckpointError(f"checkpoint {state_path}: unreadable: {exc}") from exc
     if digest != record["sha256"]:
         raise CheckpointError(f"checkpoint {model_path}: sha256 {digest} does not match {state_path}")
-    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"])
+    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"], record.get("record"))

@@ -34,6 +34,9 @@ Say = Callable[[str], None]
 
 _EVALUATOR = "evaluator"
 _REMIND_EVERY_S = 5.0
+# How long the evaluator may delay the start once the workers have answered: services
+# started together come up within seconds of each other; one still silent is down.
+_EVALUATOR_GRACE_S = 5.0
 _UNREACHABLE_HINT = (
     "Likely causes: the worker is not started (or crashed: see its log or `systemctl status jetfed-worker@NAME`); "
     "a wrong host or port (compare with the 'listening on' line of its log); a firewall between the machines; "
@@ -111,7 +114,10 @@ class Federation:
     async def connect(self) -> None:
         """Wait up to --connect-timeout for the fleet, saying at once whom it awaits and,
         while it waits, who has answered. A quorum of workers must answer; the rest are
-        named loudly, recorded in `absent`, and retried in the rounds with backoff."""
+        named loudly, recorded in `absent`, and retried in the rounds with backoff. The
+        evaluator never holds the start past the workers by more than a few seconds
+        (a resumed run whose evaluator is down starts at once, not after the timeout):
+        training goes on and evaluations are tried on schedule."""
         timeout = self.settings.connect_timeout
         fleet = ", ".join(f"{name} at {w.address}" for name, w in self.workers.items())
         evaluator = f"; evaluator at {self.evaluator.address}" if self.evaluator else ""
@@ -120,29 +126,15 @@ class Federation:
         calls = {asyncio.ensure_future(w.info(timeout)): name for name, w in self.workers.items()}
         if self.evaluator:
             calls[asyncio.ensure_future(self.evaluator.info(timeout))] = _EVALUATOR
-        pending = set(calls)
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=_REMIND_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
-                for call in done:
-                    self._answered(calls[call], call)
-                if pending and not done:
-                    self.say(f"Still waiting for {', '.join(sorted(calls[c] for c in pending))} "
-                              f"({time.perf_counter() - started:.0f}s of {timeout:.0f}s); answered so far: "
-                              f"{', '.join(sorted(self._infos)) or 'none'}")
+            evaluator_call = await self._await_workers(calls, started)
+            await self._check_quorum()
+            if evaluator_call is not None:
+                await self._await_evaluator(evaluator_call)
         finally:
-            for call in pending:
+            for call in calls:
                 call.cancel()
-        await self._explain_absent()
         answered = len(self._infos)
-        if answered < self.settings.quorum:
-            who = "none" if not answered else f"only {answered}"
-            raise RunFailed(
-                f"{who} of the {len(self.workers)} workers answered within {timeout:.0f}s and this run needs "
-                f"{self.settings.quorum}: " + "; ".join(f"{n} at {self.workers[n].address}: {reason}"
-                                                          for n, reason in self.absent.items())
-                + ". " + _UNREACHABLE_HINT
-            )
         if self.absent:
             warning = (f"WARNING: going on with {answered} of {len(self.workers)} workers; not answering: "
                        + "; ".join(f"{n} at {self.workers[n].address} ({reason})" for n, reason in self.absent.items())
@@ -153,16 +145,58 @@ class Federation:
             self.say(f"Fleet ready after {time.perf_counter() - started:.1f}s: {answered} of {len(self.workers)} "
                       f"workers{' and the evaluator' if self.evaluator and self._evaluator_ready else ''}")
 
+    async def _await_workers(
+        self, calls: Dict["asyncio.Future[Any]", str], started: float,
+    ) -> Optional["asyncio.Future[Any]"]:
+        """Until every worker has answered or failed, saying every few seconds whom it
+        still awaits; the evaluator's call if it is still pending then."""
+        timeout = self.settings.connect_timeout
+        pending = set(calls)
+        while any(calls[call] != _EVALUATOR for call in pending):
+            done, pending = await asyncio.wait(pending, timeout=_REMIND_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
+            for call in done:
+                self._answered(calls[call], call)
+            if pending and not done:
+                self.say(f"Still waiting for {', '.join(sorted(calls[c] for c in pending))} "
+                          f"({time.perf_counter() - started:.0f}s of {timeout:.0f}s); answered so far: "
+                          f"{', '.join(sorted(self._infos)) or 'none'}")
+        return next(iter(pending), None)
+
+    async def _check_quorum(self) -> None:
+        """Enough workers answered to run rounds, or RunFailed naming each silent one."""
+        await self._explain_absent()
+        answered = len(self._infos)
+        if answered < self.settings.quorum:
+            who = "none" if not answered else f"only {answered}"
+            raise RunFailed(
+                f"{who} of the {len(self.workers)} workers answered within {self.settings.connect_timeout:.0f}s and "
+                f"this run needs {self.settings.quorum}: " + "; ".join(f"{n} at {self.workers[n].address}: {reason}"
+                                                                        for n, reason in self.absent.items())
+                + ". " + _UNREACHABLE_HINT
+            )
+
+    async def _await_evaluator(self, call: "asyncio.Future[info_pb2.GetInfoResponse]") -> None:
+        """The evaluator's answer, if it comes within the grace after the workers."""
+        done, _ = await asyncio.wait({call}, timeout=_EVALUATOR_GRACE_S)
+        if done:
+            self._answered(_EVALUATOR, call)
+        else:
+            self._evaluator_missing(f"no answer {_EVALUATOR_GRACE_S:.0f}s after the workers")
+
+    def _evaluator_missing(self, reason: str) -> None:
+        assert self.evaluator is not None
+        log.warning("evaluator at %s unreachable at start (%s); training goes on, evaluations will be tried "
+                    "on schedule", self.evaluator.address, reason)
+        self.say(f"WARNING: the evaluator at {self.evaluator.address} did not answer ({reason}); training goes on, "
+                 "evaluations are tried on schedule")
+
     def _answered(self, name: str, call: "asyncio.Future[info_pb2.GetInfoResponse]") -> None:
         """Record one GetInfo answer (or its failure) from the connect phase."""
         failure = call.exception()
         if name == _EVALUATOR:
             assert self.evaluator is not None
             if failure is not None:
-                log.warning("evaluator at %s unreachable at start (%s); training goes on, evaluations will be tried "
-                            "on schedule", self.evaluator.address, describe_failure(failure))
-                self.say(f"WARNING: the evaluator at {self.evaluator.address} did not answer "
-                          f"({describe_failure(failure)}); training goes on, evaluations are tried on schedule")
+                self._evaluator_missing(describe_failure(failure))
                 return
             info = call.result()
             if info.model != self.settings.model:

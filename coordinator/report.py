@@ -1,12 +1,14 @@
 """What a run tells its user: the reference's console layout, and metrics.jsonl (one
-JSON object per round, appended and flushed as each round ends, so a crash loses none)."""
+JSON object per round, appended and synced as each round ends, after its checkpoint)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import IO, Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
+from coordinator.checkpoint import sync_directory
 from coordinator.clients import Score
 
 LabelGroup = Tuple[str, Tuple[int, ...]]
@@ -53,13 +55,22 @@ def score_record(score: Score) -> Dict[str, Any]:
 
 
 class MetricsLog:
+    """metrics.jsonl, one line per round, each written whole by one append and synced
+    before the next round starts: a crash or a full disk can tear only the last line,
+    which --resume drops (see coordinator.resume)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle: IO[str] = path.open("a", encoding="utf-8")
+        created = not path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        if created:
+            sync_directory(path.parent)
 
     def write(self, record: Dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
-        self._handle.flush()
+        line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode())
+        while line:
+            line = line[os.write(self._fd, line):]
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        self._handle.close()
+        os.close(self._fd)

@@ -3,16 +3,15 @@ and timing around the Federation's rounds."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Iterator, Optional, Set
 
 import grpc
 
-from coordinator import checkpoint, report
+from coordinator import checkpoint, report, resume
 from coordinator.board import RunBoard
 from coordinator.clients import Score
 from coordinator.federation import Federation, RunFailed, RunSummary, Say, describe_failure
@@ -26,42 +25,15 @@ from jetfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# What must not change between a run and its resumption, or the result is another run.
-_PINNED = ("model", "train", "lr_decay", "lr_min_factor", "weighting")
 
-
-def run_identity(settings: RunSettings) -> Dict[str, Any]:
-    return {key: dataclasses.asdict(settings)[key] for key in _PINNED}
-
-
-def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop records of rounds after the checkpoint: they will be run again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["round"] <= last_round]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in kept))
-    partial.replace(path)
-
-
-def _prepare(settings: RunSettings, federation: Federation, say: Say) -> int:
-    """The first round to run: 1, or the one after the checkpoint when resuming."""
-    folder = settings.out_dir / "checkpoint"
-    metrics = settings.out_dir / "metrics.jsonl"
-    saved = checkpoint.load(folder)
-    if not settings.resume:
-        if saved is not None or (metrics.exists() and metrics.stat().st_size):
-            raise RunFailed(f"out: {settings.out_dir} already holds a run; pass --resume to continue it or choose another --out")
-        return 1
-    if saved is None:
-        log.info("resume: no checkpoint in %s; starting at round 1", folder)
-        return 1
-    if saved.run != json.loads(json.dumps(run_identity(settings))):
-        raise RunFailed(f"resume: {folder} was written by a run with other settings: {saved.run}")
-    federation.restore(saved.state)
-    _truncate_metrics(metrics, saved.round)
-    say(f"Resuming after round {saved.round}/{settings.rounds}")
-    return saved.round + 1
+@contextlib.contextmanager
+def _writing(what: Path, hint: str) -> Iterator[None]:
+    """A full disk, a read-only or missing --out: one line naming the path and the
+    fix, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise RunFailed(f"out: cannot use {exc.filename or what}: {exc.strerror or exc}; {hint}") from exc
 
 
 async def _serve_status(settings: RunSettings, federation: Federation) -> Optional[serving.RunningServer]:
@@ -127,10 +99,11 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunT
         # Ports first: a taken status or metrics port must fail before anything is written.
         _serve_metrics(settings, telemetry)
         status_server = await _serve_status(settings, federation)
-        settings.out_dir.mkdir(parents=True, exist_ok=True)
-        first = _prepare(settings, federation, say)
+        with _writing(settings.out_dir, "choose a writable --out"):
+            settings.out_dir.mkdir(parents=True, exist_ok=True)
+            first = resume.first_round(settings, federation, say)
+            metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
         board.first_round = first
-        metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
         return await _rounds(settings, federation, metrics, first)
     except BaseException as exc:
         board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
@@ -144,8 +117,20 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunT
         telemetry.stop_http()
 
 
+def _commit(settings: RunSettings, federation: Federation, metrics: report.MetricsLog, record: Dict[str, Any]) -> None:
+    """The checkpoint first, carrying the round's record, then the metrics line: a stop
+    between the two leaves a checkpoint whose record --resume puts back, never a
+    metrics line without its checkpoint."""
+    number, folder = record["round"], settings.out_dir / "checkpoint"
+    with _writing(folder, f"free space, then --resume runs round {number} again"):
+        checkpoint.save(folder, number, federation.global_weights.state, settings.model,
+                        resume.run_identity(settings), record)
+    with _writing(metrics.path, f"free space, then --resume takes round {number}'s record from its checkpoint"):
+        metrics.write(record)
+
+
 async def _rounds(settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int) -> RunSummary:
-    """Connect, then run rounds `first`..N, each written to metrics.jsonl and checkpointed."""
+    """Connect, then run rounds `first`..N, each committed as it ends."""
     board, say, telemetry = federation.board, federation.say, federation.telemetry
     model_path = settings.out_dir / "model.safetensors"
     train_total = eval_total = 0.0
@@ -178,10 +163,9 @@ async def _rounds(settings: RunSettings, federation: Federation, metrics: report
         board.end_round(record["duration_s"])
         log.info("round=%d/%d workers=%d/%d duration=%.2fs elapsed=%.1fs eta=%.1fs", round_number, settings.rounds,
                  len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
-        metrics.write(record)
-        checkpoint.save(settings.out_dir / "checkpoint", round_number, federation.global_weights.state,
-                        settings.model, run_identity(settings))
-    checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
+        _commit(settings, federation, metrics, record)
+    with _writing(model_path, "free space, then --resume writes it from the last checkpoint"):
+        checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
     board.end()
     return RunSummary(
         rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,

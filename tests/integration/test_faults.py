@@ -157,3 +157,14 @@ def test_sigterm_stops_the_coordinator_cleanly_and_resume_finishes(workers, tmp_
     assert done == list(range(1, len(done) + 1)) and len(done) < 8
     finish(coordinator(workers, tmp_path, *common, "--resume"))
     assert [r["round"] for r in metrics(tmp_path)] == list(range(1, 9))
+
+
+def test_rounds_the_status_contract_cannot_carry_are_refused_at_start(tmp_path):
+    """rounds = 5e9 would wrap in RunStatus.rounds (uint32) and GetStatus answered UNKNOWN."""
+    config = tmp_path / "federation.toml"
+    config.write_text(f"[federation]\nrounds = 5000000000\n[workers.alice]\naddress = '{HOST}:{free_port()}'\n")
+    done = subprocess.run(jetfed_command("coordinator", "--config", str(config), "--out", str(tmp_path / "run")),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "rounds: 5000000000 must be an integer in 1..4294967295" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -53,7 +53,8 @@ class PoisoningWorker(worker_pb2_grpc.WorkerServicer):
 
     def answer(self, base: StateDict, config: TrainConfig):
         if self.poison == "garbage":
-            return {k: torch.randn(v.shape).to(v.dtype) if v.is_floating_point() else v for k, v in base.items()}, 2**63 - 1
+            garbage = {k: torch.randn(v.shape).to(v.dtype) if v.is_floating_point() else v for k, v in base.items()}
+            return garbage, 2**63 - 1
         model = build_model("mnist-cnn")
         model.load_state_dict(base)
         noise = DeviceData(torch.randn(sum(ANNOUNCED), 1, 28, 28), torch.randint(0, 10, (sum(ANNOUNCED),)))

@@ -17,9 +17,10 @@ def state() -> dict:
 
 
 def test_a_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
-    checkpoint.save(tmp_path, 7, state(), "mnist-cnn", {"seed": 1})
+    checkpoint.save(tmp_path, 7, state(), "mnist-cnn", {"seed": 1}, {"round": 7, "lr": 0.1})
     saved = checkpoint.load(tmp_path)
     assert saved is not None and saved.round == 7 and saved.run == {"seed": 1}
+    assert saved.record == {"round": 7, "lr": 0.1}
     assert all(torch.equal(saved.state[k], v) for k, v in state().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global-000007.safetensors", "state.json"]
 
