@@ -89,9 +89,17 @@ def distribution_of(module: str) -> Optional[str]:
     return normalize(candidates[0]) if candidates else None
 
 
-def board_modules() -> List[str]:
-    """Third-party modules the services import, without the ones only an extra's command
-    uses (cryptography for `jetfed certs`, matplotlib for `jetfed report`): what a
-    board's venv must resolve, torch and torchvision included."""
+def board_modules(python_version: str) -> List[str]:
+    """Third-party modules the services import on a board's Python `python_version`
+    ("3.8"), torch and torchvision included: not the ones only an extra's command uses
+    (cryptography for `jetfed certs`, matplotlib for `jetfed report`), nor those whose
+    runtime requirement's marker leaves out that Python (tomli from 3.11 on)."""
     extra_names = {normalize(r.name) for name, reqs in extras().items() if name != "torch" for r in reqs}
-    return sorted(m for m in third_party_imports() if distribution_of(m) not in extra_names)
+    runtime = {normalize(r.name): r for r in requirements(RUNTIME)}
+    wanted = []
+    for module in third_party_imports():
+        dist = distribution_of(module) or normalize(module.split(".")[0])
+        marker = runtime[dist].marker if dist in runtime else None
+        if dist not in extra_names and (marker is None or marker.evaluate({"python_version": python_version})):
+            wanted.append(module)
+    return sorted(wanted)

@@ -10,6 +10,7 @@ a site-packages of our own. Torch is linked in from the dev venv, no gigabytes c
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -107,3 +108,27 @@ def make_board_python(base: Path, folder: Path, with_torch: bool) -> Path:
         assert f"{sys.version_info[0]}.{sys.version_info[1]}" == version, "torch comes from the dev venv's Python"
         link_distributions(closure(JETPACK_DISTRIBUTIONS), lib / "site-packages")
     return python
+
+
+def unresolved(python: Path, modules: Iterable[str]) -> List[str]:
+    """The modules `python` cannot find, each with the error: find_spec imports a dotted
+    name's parents, so "grpc_health.v1.health" checks the whole chain."""
+    probe = (
+        "import importlib.util, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        found = importlib.util.find_spec(name) is not None\n"
+        "    except Exception as exc:\n"
+        "        found = False; print(name, repr(exc))\n"
+        "    else:\n"
+        "        print('' if found else name + ' not found')\n"
+    )
+    result = subprocess.run([str(python), "-c", probe, *modules], capture_output=True, text=True, timeout=120,
+                            env=board_env())
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if line]
+
+
+def board_env() -> Dict[str, str]:
+    """A service's environment on a board: no PYTHONPATH into the checkout, no user site."""
+    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1"}
