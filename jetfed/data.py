@@ -3,7 +3,9 @@ worker its private share.
 
 Files are found under the data directory itself or torchvision's `MNIST/raw/` layout,
 gzip-compressed or not. A download is tried only when the files are missing, and a
-failed one ends in an error that says how to supply them.
+failed one ends in an error that says which files, where they were looked for and where
+to get them (`missing_mnist_files` and `how_to_get_mnist` let a launcher say the same
+before it starts anything).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_DTYPES = {0x08: torch.uint8}
+# Where the four IDX files come from: the MNIST page, and the mirror torchvision uses.
+MNIST_SOURCES = ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
 
 
 @dataclass(frozen=True)
@@ -86,19 +90,20 @@ def format_counts(counts: List[int]) -> str:
 
 def load_mnist(data_dir: Path, split: str, download: bool = True) -> LabeledImages:
     images_stem, labels_stem = _FILES[split]
-    images_path = _find(data_dir, images_stem)
-    labels_path = _find(data_dir, labels_stem)
+    images_path = find_mnist_file(data_dir, images_stem)
+    labels_path = find_mnist_file(data_dir, labels_stem)
     if images_path is None or labels_path is None:
         if download:
             _download(data_dir)
-            images_path = _find(data_dir, images_stem)
-            labels_path = _find(data_dir, labels_stem)
+            images_path = find_mnist_file(data_dir, images_stem)
+            labels_path = find_mnist_file(data_dir, labels_stem)
         if images_path is None or labels_path is None:
+            missing = [stem for stem in _FILES[split] if find_mnist_file(data_dir, stem) is None]
             raise DataNotFound(
-                f"MNIST {split} files not found in {data_dir} (looked for {images_stem}[.gz] and "
-                f"{labels_stem}[.gz] there and in {data_dir / 'MNIST' / 'raw'}), and "
-                f"{'the download failed' if download else 'downloading is off'}. Copy the four IDX "
-                f"files there, or point --data-dir or ${DATA_DIR_ENV} at a folder that holds them."
+                f"MNIST {split} files not found: missing {', '.join(s + '[.gz]' for s in missing)}, looked for in "
+                f"{' and '.join(str(f) for f in mnist_folders(data_dir))}, and "
+                f"{'the download failed' if download else 'downloading is off (--no-download)'}. "
+                + how_to_get_mnist(data_dir, f"--data-dir or ${DATA_DIR_ENV}")
             )
     images = read_idx(images_path)
     labels = read_idx(labels_path).long()
@@ -134,12 +139,36 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
-def _find(data_dir: Path, stem: str) -> Optional[Path]:
-    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+def mnist_folders(data_dir: Path) -> Tuple[Path, Path]:
+    """Where the IDX files are looked for: the folder itself, then torchvision's layout."""
+    return data_dir, data_dir / "MNIST" / "raw"
+
+
+def find_mnist_file(data_dir: Path, stem: str) -> Optional[Path]:
+    """The IDX file `stem` (gzip-compressed or not) in one of `mnist_folders`, or None."""
+    for folder in mnist_folders(data_dir):
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
     return None
+
+
+def missing_mnist_files(data_dir: Path) -> List[str]:
+    """The names (as published, .gz) of the four IDX files that `data_dir` lacks; checked
+    by presence only, so a launcher can refuse in milliseconds before starting services."""
+    stems = [stem for pair in _FILES.values() for stem in pair]
+    return [stem + ".gz" for stem in stems if find_mnist_file(data_dir, stem) is None]
+
+
+def how_to_get_mnist(data_dir: Path, setting: str) -> str:
+    """What a person does when the files are missing; `setting` names the knob that
+    points elsewhere (a flag, an environment variable or a make variable)."""
+    return (
+        f"Get the four IDX files ({', '.join(stem + '.gz' for pair in _FILES.values() for stem in pair)}) from "
+        f"{MNIST_SOURCES[0]} or torchvision's mirror {MNIST_SOURCES[1]} and put them in {data_dir}, or on a "
+        f"connected machine run python -c \"import torchvision; torchvision.datasets.MNIST('{data_dir}', "
+        f"download=True)\" and copy the folder over; or point {setting} at a folder that holds them."
+    )
 
 
 def _download(data_dir: Path) -> None:
