@@ -8,10 +8,15 @@ STAMP := $(VENV)/.jetfed-installed
 PROTOS := $(wildcard protos/jetfed/v1/*.proto)
 STUBS := jetfed/v1/.generated
 
+# A leading ~ typed on make's command line reaches the shell quoted: expand it here.
+home = $(patsubst ~/%,$(HOME)/%,$(patsubst ~,$(HOME),$(1)))
 DATA_DIR ?= $(or $(JETFED_DATA_DIR),../shared/datasets/mnist)
-DATA := $(abspath $(DATA_DIR))
+DATA := $(abspath $(call home,$(DATA_DIR)))
 CONFIG ?= examples/federation.toml
 OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
+# run-local: ROUNDS, SEED, TLS=1, RESUME=runs/<time>, BASE_PORT, METRICS=HOST:PORT and
+# ARGS="coordinator flags" are optional; the launcher names them in its messages.
+RUN_LOCAL_VARS := DATA_DIR CONFIG ROUNDS SEED OUT TLS RESUME BASE_PORT METRICS ARGS
 PYTEST_ARGS ?=
 
 .PHONY: all install proto test run-local bench clean
@@ -40,8 +45,18 @@ proto: $(STUBS)
 test: install
 	JETFED_DATA_DIR=$(DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
+# --from-make lists the variables given, so messages and the resume command use them.
+given = $(filter command line,$(origin $(1)))
+RUN_LOCAL_FLAGS = $(strip --from-make="$(strip $(foreach v,$(RUN_LOCAL_VARS),$(if $(call given,$(v)),$(v))))" \
+	--config $(call home,$(CONFIG)) --data-dir $(DATA) \
+	$(if $(RESUME),--resume $(call home,$(RESUME))) $(if $(or $(call given,OUT),$(if $(RESUME),,1)),--out $(call home,$(OUT))) \
+	$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SEED),--seed $(SEED)) $(if $(TLS),--tls) \
+	$(if $(BASE_PORT),--base-port $(BASE_PORT)) $(if $(METRICS),--metrics-address $(METRICS)) \
+	$(if $(ARGS),-- $(ARGS)))
+
+# Ctrl-C stops every service and exits 130; an interrupted run prints its RESUME= command.
 run-local: install
-	$(PY) tools/run_local.py --config $(CONFIG) --data-dir $(DATA) --out $(OUT) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SEED),--seed $(SEED)) $(if $(TLS),--tls)
+	$(PY) tools/run_local.py $(RUN_LOCAL_FLAGS)
 
 # Speed and accuracy goals live here, not in timed tests.
 bench: install

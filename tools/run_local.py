@@ -1,10 +1,13 @@
 """`make run-local`: the reference federation on one machine.
 
-Starts the workers and the evaluator of a federation config (examples/federation.toml:
-alice 0-3, bob 4-6, charlie 7-9, testing) as separate processes, waits until each
-reports SERVING over gRPC health, runs the coordinator with that config, and stops
-every process it started on success, failure or Ctrl-C. Arguments after `--` go to the
-coordinator unchanged.
+Checks everything it can first (the coordinator's settings, the MNIST files, the run
+folder, every port), then starts the workers and the evaluator of a federation config
+(examples/federation.toml: alice 0-3, bob 4-6, charlie 7-9, testing) as separate
+processes, waits until each reports SERVING over gRPC health, runs the coordinator with
+that config, and stops every process it started on success, failure or Ctrl-C. A
+failure shows the failing service's last log lines; an interrupted run prints the
+command that resumes it (--resume DIR). Arguments after `--` go to the coordinator
+unchanged.
 """
 
 from __future__ import annotations
@@ -12,27 +15,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import List, Optional, Tuple
-
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.checkpoint import STATE_FILE
 from coordinator.config_file import load_config, worker_labels
+from jetfed.data import parse_labels
 from jetfed.errors import JetfedError
 from jetfed.signals import cancel_on_signals
 from jetfed.tls import channel_credentials
+from preflight import Bind, Refused, Wording, check_data, check_out, check_ports, coordinator_settings, split_address
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "federation.toml"
 COORDINATOR = "coordinator"
+TAIL_LINES = 15
+# The make variables behind each launcher setting, for messages and the resume command.
+MAKE_VARIABLES = ("DATA_DIR", "CONFIG", "ROUNDS", "SEED", "TLS", "BASE_PORT", "METRICS", "ARGS")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,8 @@ class Endpoint:
 def endpoints(config: Path, base_port: Optional[int], host: Optional[str]) -> Tuple[List[Endpoint], Endpoint]:
     """Workers and evaluator as the config places them; --base-port/--host move them all."""
     values = load_config(config)
+    if not values.get("worker") or not values.get("evaluator"):
+        raise Refused(f"{config} needs [workers.NAME] tables and an [evaluator] for run-local to start")
     labels = worker_labels(config)
     places = [(name, address) for name, address in values["worker"]]
     places.append(tuple(values["evaluator"].split("=", 1)))
@@ -68,19 +81,115 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIG, help="the federation (default: examples/federation.toml)")
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", type=Path, required=True, help="folder with the four MNIST IDX files")
     parser.add_argument("--rounds", type=int, help="override the config's rounds")
     parser.add_argument("--seed", type=int, help="override the config's seed")
-    parser.add_argument("--out", type=Path, required=True, help="run folder: model, metrics.jsonl, logs/")
+    parser.add_argument("--out", type=Path, help="a new run's folder: model, metrics.jsonl, logs/")
+    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR (not with --out)")
     parser.add_argument("--host", help="bind and connect here instead of the config's hosts")
     parser.add_argument("--base-port", type=int, help="first service's port, the others follow (default: the config's)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", help="the coordinator's Prometheus endpoint")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (3 workers share the cores)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluator")
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--tls", action="store_true",
                         help="provision a CA and certificates into OUT/pki and run everything over mutual TLS")
-    return parser.parse_args(argv), extra
+    # Set by the Makefile: the variables given on make's command line; messages then use them.
+    parser.add_argument("--from-make", metavar="VARIABLES", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("config", "data_dir", "out", "resume"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).expanduser())
+    return args, extra
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run checked before anything starts: where it writes, whom it starts, how."""
+
+    args: argparse.Namespace
+    extra: List[str]
+    wording: Wording
+    workers: List[Endpoint]
+    evaluator: Endpoint
+
+    @property
+    def out(self) -> Path:
+        return self.args.resume or self.args.out
+
+    def coordinator_argv(self, pki: Optional[Path]) -> List[str]:
+        """The coordinator's flags; the same list is validated before the start."""
+        args = self.args
+        argv = ["--config", str(args.config), "--out", str(self.out), "--model", args.model,
+                *[f"--worker={w.name}={w.address}" for w in self.workers],
+                f"--evaluator={self.evaluator.name}={self.evaluator.address}", *tls_flags(pki, COORDINATOR)]
+        if args.base_port:
+            argv += ["--status-address", f"{self.evaluator.host}:{self.evaluator.port + 1}"]
+        for flag, value in (("--rounds", args.rounds), ("--seed", args.seed), ("--metrics-address", args.metrics_address)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if args.resume:
+            argv.append("--resume")
+        return [*argv, *self.extra]
+
+
+def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
+    """Every check that needs no service, cheapest first; raises Refused."""
+    wording = Wording(args.from_make is not None)
+    if (args.out is None) == (args.resume is None):
+        raise Refused(f"give {wording.name('OUT', '--out')} for a new run or {wording.name('RESUME', '--resume')} "
+                      "to continue one (exactly one of them)")
+    config = wording.setting("CONFIG", "--config", args.config)
+    try:
+        workers, evaluator = endpoints(args.config, args.base_port, args.host)
+        for worker in workers:
+            parse_labels(worker.labels)
+    except JetfedError as exc:
+        raise Refused(f"{config}: {exc}") from None
+    plan = Plan(args, extra, wording, workers, evaluator)
+    # TLS files are made once the run folder exists; their flags are launcher-made.
+    settings = coordinator_settings(plan.coordinator_argv(None), wording, setters(plan))
+    check_data(args.data_dir, wording)
+    check_out(plan.out, args.resume is not None, wording)
+    check_ports(binds(plan, settings.status_address, settings.metrics_address))
+    return plan
+
+
+def setters(plan: Plan) -> Dict[str, str]:
+    """Which setting the user would change for each coordinator field they set."""
+    wording, args = plan.wording, plan.args
+    found = {field: wording.setting(variable, flag, value) for field, variable, flag, value in (
+        ("rounds", "ROUNDS", "--rounds", args.rounds), ("seed", "SEED", "--seed", args.seed),
+        ("metrics_address", "METRICS", "--metrics-address", args.metrics_address),
+    ) if value is not None}
+    for word in plan.extra:
+        if word.startswith("--"):
+            found[word[2:].split("=", 1)[0].replace("-", "_")] = wording.extra
+    return found
+
+
+def binds(plan: Plan, status: Optional[str], metrics: Optional[str]) -> List[Bind]:
+    """Every address the run will listen on, each with the setting that moves it."""
+    wording, args = plan.wording, plan.args
+    services = [*plan.workers, plan.evaluator]
+    base = wording.setting("BASE_PORT", "--base-port", "N")
+    moves = f"stop it, or move the services with {base} (they take N..N+{len(services)})"
+    if not args.base_port:
+        moves += f" or change their addresses in {wording.setting('CONFIG', '--config', args.config)}"
+    found = [Bind(f"{s.name}'s port", s.host, s.port, moves) for s in services]
+    if status:
+        if "--status-address" in " ".join(plan.extra):
+            where = f"change --status-address in {wording.extra}"
+        elif args.base_port:
+            where = f"it follows {base} (the evaluator's port + 1): choose another N"
+        else:
+            where = f"change status_address in {args.config} or choose {base} (the status then takes N+{len(services)})"
+        found.append(Bind("the coordinator's status address", *split_address(status), f"stop that process, or {where}"))
+    if metrics:
+        found.append(Bind("the coordinator's metrics address", *split_address(metrics),
+                          f"stop that process, or choose another {wording.name('METRICS', '--metrics-address')}"))
+    return found
 
 
 def _die_with_parent() -> None:
@@ -91,31 +200,59 @@ def _die_with_parent() -> None:
         pass
 
 
+@dataclass
+class Service:
+    name: str
+    proc: asyncio.subprocess.Process
+    log: Path
+    log_start: int  # this attempt's part of an appended (resumed) log begins here
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        """This attempt's last log lines, indented, for the terminal."""
+        with self.log.open("rb") as handle:
+            handle.seek(self.log_start)
+            text = handle.read().decode(errors="replace")
+        kept = text.rstrip("\n").splitlines()[-lines:] or ["(its log is empty)"]
+        return "\n".join(f"  | {line}" for line in kept)
+
+
 class Fleet:
     def __init__(self) -> None:
-        self.procs: List[Tuple[str, asyncio.subprocess.Process]] = []
+        self.services: List[Service] = []
 
     async def start(self, name: str, argv: List[str], log_path: Path) -> asyncio.subprocess.Process:
-        log_file = log_path.open("ab")
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=None, stderr=log_file, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        log_file.close()
-        self.procs.append((name, proc))
+        with log_path.open("ab") as log_file:
+            start = log_file.tell()
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=None, stderr=log_file, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        self.services.append(Service(name, proc, log_path, start))
         return proc
 
+    def exited(self) -> List[Service]:
+        """Services that ended on their own with a failure (before being stopped)."""
+        return [s for s in self.services if s.proc.returncode not in (None, 0)]
+
     async def stop(self, grace: float = 10.0) -> None:
-        for _, proc in self.procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in self.procs:
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except asyncio.TimeoutError:
-                print(f"run-local: {name} ignored SIGTERM for {grace:.0f}s; killing it", file=sys.stderr)
-                proc.kill()
-                await proc.wait()
+        """The coordinator first, so it records the round it is in (or drops it) while the
+        workers still answer; then the services, together."""
+        coordinator = [s for s in self.services if s.name == COORDINATOR]
+        for group in (coordinator, [s for s in self.services if s.name != COORDINATOR]):
+            for service in group:
+                if service.proc.returncode is None:
+                    service.proc.send_signal(signal.SIGTERM)
+            for service in group:
+                try:
+                    await asyncio.wait_for(service.proc.wait(), grace)
+                except asyncio.TimeoutError:
+                    print(f"run-local: {service.name} ignored SIGTERM for {grace:.0f}s; killing it", file=sys.stderr)
+                    service.proc.kill()
+                    await service.proc.wait()
+
+
+class ServiceFailed(Exception):
+    """A service ended before serving; the message and its log tail say why."""
 
 
 def provision(pki: Path, workers: List[Endpoint], evaluator: Endpoint) -> None:
@@ -142,83 +279,153 @@ def health_channel(address: str, pki: Optional[Path]) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(address, credentials)
 
 
-async def wait_serving(
-    name: str, address: str, proc: asyncio.subprocess.Process, timeout: float, pki: Optional[Path]
-) -> None:
+async def wait_serving(service: Service, address: str, timeout: float, pki: Optional[Path]) -> None:
     """Wait for SERVING on the health service, failing fast if the process exits."""
     async with health_channel(address, pki) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         check = asyncio.ensure_future(stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=timeout))
-        died = asyncio.ensure_future(proc.wait())
+        died = asyncio.ensure_future(service.proc.wait())
         done, _ = await asyncio.wait({check, died}, return_when=asyncio.FIRST_COMPLETED)
         if died in done:
             check.cancel()
-            raise RuntimeError(f"{name} exited with status {proc.returncode} before serving; see its log")
+            raise ServiceFailed(f"{service.name} exited with status {service.proc.returncode} before serving; "
+                                f"the last lines of {service.log}:\n{service.tail()}")
         died.cancel()
-        status = check.result().status
+        try:
+            status = check.result().status
+        except grpc.aio.AioRpcError as exc:
+            raise ServiceFailed(f"{service.name} at {address} did not answer within {timeout:.0f}s "
+                                f"({exc.code().name}); the last lines of {service.log}:\n{service.tail()}") from None
         if status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"{name} at {address} reports {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            raise ServiceFailed(f"{service.name} at {address} reports {name}")
 
 
-async def main_async(args: argparse.Namespace, extra: List[str]) -> int:
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+async def start_services(plan: Plan, fleet: Fleet, logs: Path, pki: Optional[Path]) -> None:
+    """Workers and evaluator, started together and awaited until all serve."""
+    args = plan.args
     jetfed = [sys.executable, "-m", "jetfed.cli"]
-    common = ["--data-dir", args.data_dir, "--no-download", "--model", args.model]
+    common = ["--data-dir", str(args.data_dir), "--no-download", "--model", args.model]
+    waits = []
+    for worker in plan.workers:
+        await fleet.start(worker.name, [
+            *jetfed, "worker", "--name", worker.name, "--host", worker.host, "--port", str(worker.port),
+            "--labels", worker.labels, "--threads", str(args.threads), *common, *tls_flags(pki, worker.name)],
+            logs / f"{worker.name}.log")
+        waits.append(wait_serving(fleet.services[-1], worker.address, args.start_timeout, pki))
+    evaluator = plan.evaluator
+    await fleet.start(evaluator.name, [
+        *jetfed, "evaluator", "--name", evaluator.name, "--host", evaluator.host, "--port", str(evaluator.port),
+        "--threads", str(args.eval_threads), *common, *tls_flags(pki, evaluator.name)],
+        logs / f"{evaluator.name}.log")
+    waits.append(wait_serving(fleet.services[-1], evaluator.address, args.start_timeout, pki))
+    await asyncio.gather(*waits)
+
+
+async def run_fleet(plan: Plan) -> int:
+    """Services, then the coordinator; any failure ends with the reason on the terminal."""
+    logs = plan.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     fleet = Fleet()
     started = time.perf_counter()
     try:
-        workers, evaluator = endpoints(args.config, args.base_port, args.host)
-        pki = args.out / "pki" if args.tls else None
-        if pki is not None:
-            provision(pki, workers, evaluator)
-        waits = []
-        for worker in workers:
-            proc = await fleet.start(worker.name, [
-                *jetfed, "worker", "--name", worker.name, "--host", worker.host, "--port", str(worker.port),
-                "--labels", worker.labels, "--threads", str(args.threads), *common, *tls_flags(pki, worker.name)],
-                logs / f"{worker.name}.log")
-            waits.append(wait_serving(worker.name, worker.address, proc, args.start_timeout, pki))
-        proc = await fleet.start(evaluator.name, [
-            *jetfed, "evaluator", "--name", evaluator.name, "--host", evaluator.host, "--port", str(evaluator.port),
-            "--threads", str(args.eval_threads), *common, *tls_flags(pki, evaluator.name)],
-            logs / f"{evaluator.name}.log")
-        waits.append(wait_serving(evaluator.name, evaluator.address, proc, args.start_timeout, pki))
-        await asyncio.gather(*waits)
-        print(f"run-local: {len(waits)} services SERVING after {time.perf_counter() - started:.1f}s; logs in {logs}", flush=True)
-        coordinator = [*jetfed, "coordinator", "--config", str(args.config), "--out", str(args.out), "--model", args.model,
-                       *[f"--worker={w.name}={w.address}" for w in workers],
-                       f"--evaluator={evaluator.name}={evaluator.address}", *tls_flags(pki, COORDINATOR)]
-        if args.base_port:
-            coordinator += ["--status-address", f"{evaluator.host}:{evaluator.port + 1}"]
-        if args.rounds is not None:
-            coordinator += ["--rounds", str(args.rounds)]
-        if args.seed is not None:
-            coordinator += ["--seed", str(args.seed)]
-        proc = await fleet.start("coordinator", [*coordinator, *extra], logs / "coordinator.log")
+        pki = plan.out / "pki" if plan.args.tls else None
+        if pki is not None and not (pki / "ca.crt").is_file():
+            provision(pki, plan.workers, plan.evaluator)
+        await start_services(plan, fleet, logs, pki)
+        print(f"run-local: {len(fleet.services)} services SERVING after {time.perf_counter() - started:.1f}s; "
+              f"logs in {logs}", flush=True)
+        jetfed = [sys.executable, "-m", "jetfed.cli", "coordinator"]
+        proc = await fleet.start(COORDINATOR, [*jetfed, *plan.coordinator_argv(pki)], logs / "coordinator.log")
         code = await proc.wait()
         print(f"run-local: finished in {time.perf_counter() - started:.1f}s, coordinator exit status {code}", flush=True)
+        for service in fleet.exited():
+            print(f"run-local: {service.name} exited with status {service.proc.returncode}; the last lines of "
+                  f"{service.log}:\n{service.tail()}", file=sys.stderr)
         return code
-    except (RuntimeError, JetfedError) as exc:
+    except (ServiceFailed, JetfedError, subprocess.CalledProcessError) as exc:
         print(f"run-local: {exc}", file=sys.stderr)
         return 1
     finally:
         await fleet.stop()
 
 
-async def run_interruptible(args: argparse.Namespace, extra: List[str]) -> int:
-    """Ctrl-C or SIGTERM cancels the run; main_async's cleanup then stops the fleet."""
+async def run_interruptible(plan: Plan) -> int:
+    """Ctrl-C or SIGTERM cancels the run; run_fleet's cleanup then stops every process."""
     try:
-        return await cancel_on_signals(main_async(args, extra))
+        return await cancel_on_signals(run_fleet(plan))
     except asyncio.CancelledError:
         print("run-local: interrupted; every service stopped", file=sys.stderr)
         return 130
 
 
+def checkpoint_round(out: Path) -> Optional[int]:
+    """The last round the run folder's checkpoint holds, None when no round finished."""
+    try:
+        return int(json.loads((out / "checkpoint" / STATE_FILE).read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def resume_command(plan: Plan, argv: List[str]) -> str:
+    """What the user types to continue this run: the make form under make (the variables
+    they gave, OUT replaced by RESUME), else this launcher's argv with --resume."""
+    args = plan.args
+    if plan.wording.from_make:
+        values = {"DATA_DIR": args.data_dir, "CONFIG": args.config, "ROUNDS": args.rounds, "SEED": args.seed,
+                  "TLS": 1, "BASE_PORT": args.base_port, "METRICS": args.metrics_address,
+                  "ARGS": " ".join(shlex.quote(word) for word in plan.extra)}
+        given = [name for name in args.from_make.split() if name in MAKE_VARIABLES]
+        words = ["make", "run-local", f"RESUME={shlex.quote(str(plan.out))}",
+                 *[f"{name}={shlex.quote(str(values[name]))}" for name in given]]
+        return " ".join(words)
+    kept, skip = [], False
+    cut = argv.index("--") if "--" in argv else len(argv)
+    for word in argv[:cut]:
+        if not skip and word not in ("--out", "--resume") and not word.startswith(("--out=", "--resume=")):
+            kept.append(word)
+        skip = word in ("--out", "--resume") and not skip
+    launcher = os.path.relpath(__file__) if not os.path.relpath(__file__).startswith("..") else __file__
+    return shlex.join([sys.executable, launcher, *kept, "--resume", str(plan.out), *argv[cut:]])
+
+
+def settle(plan: Plan, code: int, argv: List[str], made: bool) -> None:
+    """After the run: a folder where no round finished goes (its reason is on the
+    terminal already); one with a checkpoint stays, and an unfinished one says how to resume."""
+    done = checkpoint_round(plan.out)
+    if code == 0:
+        return
+    if done is None and plan.args.resume is None:
+        if made:
+            shutil.rmtree(plan.out, ignore_errors=True)
+        else:
+            for entry in plan.out.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink()
+        print(f"run-local: no round finished, so {plan.out} is removed", file=sys.stderr)
+    elif done is not None:
+        print(f"run-local: the run in {plan.out} is kept at round {done}; resume it with:\n"
+              f"  {resume_command(plan, argv)}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    return asyncio.run(run_interruptible(args, extra))
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parse_args(argv)
+    try:
+        plan = make_plan(args, extra)
+    except Refused as exc:
+        print(f"run-local: {exc}", file=sys.stderr)
+        return 2
+    made = not plan.out.exists()
+    code = asyncio.run(run_interruptible(plan))
+    settle(plan, code, argv, made)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the services started: nothing to stop
+        sys.exit(130)
