@@ -177,7 +177,7 @@ def binds(plan: Plan, status: Optional[str], metrics: Optional[str]) -> List[Bin
     moves = f"stop it, or move the services with {base} (they take N..N+{len(services)})"
     if not args.base_port:
         moves += f" or change their addresses in {wording.setting('CONFIG', '--config', args.config)}"
-    found = [Bind(f"{s.name}'s port", s.host, s.port, moves) for s in services]
+    found = [Bind(s.name, s.host, s.port, moves) for s in services]
     if status:
         if "--status-address" in " ".join(plan.extra):
             where = f"change --status-address in {wording.extra}"
@@ -185,9 +185,9 @@ def binds(plan: Plan, status: Optional[str], metrics: Optional[str]) -> List[Bin
             where = f"it follows {base} (the evaluator's port + 1): choose another N"
         else:
             where = f"change status_address in {args.config} or choose {base} (the status then takes N+{len(services)})"
-        found.append(Bind("the coordinator's status address", *split_address(status), f"stop that process, or {where}"))
+        found.append(Bind("the coordinator's status service", *split_address(status), f"stop that process, or {where}"))
     if metrics:
-        found.append(Bind("the coordinator's metrics address", *split_address(metrics),
+        found.append(Bind("the coordinator's metrics endpoint", *split_address(metrics),
                           f"stop that process, or choose another {wording.name('METRICS', '--metrics-address')}"))
     return found
 
