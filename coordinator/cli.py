@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--epochs", type=int)
     flag("--seed", "seeds the initial model and every worker's shuffling", type=int)
     flag("--weighting", "FedAvg weights: examples trained, or equal", choices=WEIGHTINGS)
-    flag("--max-norm-ratio", "drop an update whose change to the global model is over this multiple of the "
-         "round's median change (needs 3 updates or more)", type=float)
+    flag("--max-norm-ratio", "scale down an update whose change to the global model is over this multiple of "
+         "the round's median change (needs 3 updates or more)", type=float)
     flag("--out", "output folder (default: runs/<timestamp>)", type=Path)
     flag("--chunk-bytes", type=int)
     flag("--max-payload-bytes", type=int)

@@ -236,8 +236,8 @@ class Federation:
     async def _attempt(
         self, round_number: int, names: List[str], record: Dict[str, Any],
     ) -> Tuple[List[Update], Dict[str, float]]:
-        """Ask `names` to train; return the updates that arrived and passed screening,
-        with the delta norm of each update that was measured."""
+        """Ask `names` to train; return the updates that arrived with a possible
+        example count, and the delta norm of each."""
         settings = self.settings
         config = replace(settings.train, lr=settings.lr_for(round_number))
         self.board.start_round(round_number, names)
@@ -267,8 +267,8 @@ class Federation:
         return updates, norms
 
     def _screen(self, arrived: List[Update], config: TrainConfig) -> Tuple[Dict[str, str], Dict[str, float]]:
-        """Reasons to drop updates (an impossible example count, then a delta norm far
-        above the round's median) and the delta norm of each update with a possible count."""
+        """Why each update claiming an impossible example count is dropped, and the
+        delta norm of each of the others."""
         rejected: Dict[str, str] = {}
         for update in arrived:
             problem = screening.claim_problem(update.num_examples, config, self._infos[update.worker].dataset_size)
@@ -276,7 +276,6 @@ class Federation:
                 rejected[update.worker] = problem
         norms = {u.worker: screening.delta_norm(u.weights.state, self.global_weights.state)
                  for u in arrived if u.worker not in rejected}
-        rejected.update(screening.norm_outliers(norms, self.settings.max_norm_ratio))
         return rejected, norms
 
     def _failed(self, round_number: int, name: str, reason: str, record: Dict[str, Any]) -> None:
@@ -301,8 +300,9 @@ class Federation:
 
     async def train_round(self, round_number: int) -> Dict[str, Any]:
         """One round: every due worker trains; the updates that arrive within the round's
-        deadline and pass screening are averaged if they reach the quorum. Otherwise the
-        round is tried again (everyone asked, the global model untouched) up to
+        deadline with a possible example count are averaged, each change clipped to
+        --max-norm-ratio times the median, if they reach the quorum. Otherwise the round
+        is tried again (everyone asked, the global model untouched) up to
         --round-retries times."""
         settings = self.settings
         record: Dict[str, Any] = {"round": round_number, "lr": settings.lr_for(round_number), "failed": {}, "late": []}
@@ -322,12 +322,17 @@ class Federation:
                 f"round {round_number}: {len(updates)} updates after {settings.round_retries + 1} attempts, "
                 f"the quorum is {settings.quorum}: {record['failed']}"
             )
+        states, clipped = screening.clip_to_bound({u.worker: u.weights.state for u in updates},
+                                                  self.global_weights.state, norms, settings.max_norm_ratio)
+        for name, note in clipped.items():
+            log.warning("round=%d worker=%s clipped: %s", round_number, name, note)
         weights = [u.num_examples if settings.weighting == "examples" else 1.0 for u in updates]
         self._updates = updates
-        self.global_weights = Weights.of(fedavg([u.weights.state for u in updates], weights), settings.model)
+        self.global_weights = Weights.of(fedavg([states[u.worker] for u in updates], weights), settings.model)
         record.update({
             "attempts": attempt,
             "workers": [u.worker for u in updates],
+            "clipped": clipped,
             "updates": {
                 u.worker: {"num_examples": u.num_examples, "mean_loss": u.mean_loss,
                            "train_seconds": u.train_seconds, "device": u.device, "delta_norm": norms[u.worker]}

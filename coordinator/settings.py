@@ -22,7 +22,7 @@ MAX_SECONDS = 7 * 24 * 3600.0
 MAX_ROUND_RETRIES = 1000
 # The largest update a coordinator buffers per worker; each is held in memory whole.
 MAX_PAYLOAD_BYTES = 4 << 30
-# An update whose delta norm exceeds this multiple of the round's median is dropped.
+# An update whose delta norm exceeds this multiple of the round's median is scaled down to the median.
 DEFAULT_MAX_NORM_RATIO = 10.0
 MAX_NORM_RATIO = 1e6
 

@@ -1,9 +1,8 @@
-"""One worker must not own the global model. Two real gRPC servers posing as workers
-join the three honest worker processes: mallory answers with finite, well-formed,
-checksummed garbage that claims 2^63-1 training examples; trudy trains for real and
-sends its change scaled up a hundredfold, with an honest example count. Both are
-dropped and recorded every round they are asked, and the global model is the one the
-honest fleet alone reaches, bit for bit."""
+"""One worker must not own the global model. Real gRPC servers posing as workers join
+the three honest worker processes: mallory answers with finite, well-formed,
+checksummed garbage that claims 2^63-1 training examples, and is dropped; trudy trains
+for real on every label and sends its change scaled up a hundredfold with an honest
+example count, and is scaled back to a typical worker's say."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import json
 from pathlib import Path
 from typing import AsyncIterator, Dict, List
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +20,7 @@ from coordinator.settings import RunSettings
 from jetfed import codec, serving, wire
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
+from jetfed.data import LabeledImages, load_mnist
 from jetfed.info import service_info
 from jetfed.models import build_model
 from jetfed.training import DeviceData, train_round
@@ -33,9 +34,10 @@ BOOST = 100.0
 class PoisoningWorker(worker_pb2_grpc.WorkerServicer):
     """Speaks the protocol perfectly; `poison` makes the weights it answers with."""
 
-    def __init__(self, name: str, poison: str) -> None:
+    def __init__(self, name: str, poison: str, data: DeviceData) -> None:
         self.name = name
         self.poison = poison
+        self.data = data
 
     async def GetInfo(self, request, context):
         return service_info(self.name, "worker", "cpu", "mnist-cnn", ANNOUNCED)
@@ -57,19 +59,23 @@ class PoisoningWorker(worker_pb2_grpc.WorkerServicer):
             return garbage, 2**63 - 1
         model = build_model("mnist-cnn")
         model.load_state_dict(base)
-        noise = DeviceData(torch.randn(sum(ANNOUNCED), 1, 28, 28), torch.randint(0, 10, (sum(ANNOUNCED),)))
-        trained = train_round(model, noise, config, seed=1)
+        trained = train_round(model, self.data, config, seed=1)
         boosted = {k: base[k] + BOOST * (v - base[k]) if v.is_floating_point() else v for k, v in trained.state.items()}
         return boosted, trained.num_examples
 
 
-def federate(fleet: Fleet, out: Path, hostile: Dict[str, str]) -> List[dict]:
-    """Three rounds with the honest fleet plus the `hostile` servers (name -> poison)."""
+def federate(fleet: Fleet, out: Path, hostile: Dict[str, str], data: Path, max_norm_ratio: float = 10.0) -> List[dict]:
+    """Three rounds with the honest fleet plus the `hostile` servers (name -> poison);
+    they train on the first examples of `data`, every label."""
+    images = load_mnist(data, "train", download=False)
+    sample = DeviceData.from_images(LabeledImages(images.images[:sum(ANNOUNCED)], images.labels[:sum(ANNOUNCED)]),
+                                    torch.device("cpu"))
+
     async def scenario() -> None:
         servers = [
             await serving.start_server([serving.Service(
                 "jetfed.v1.Worker",
-                lambda s, w=PoisoningWorker(name, poison): worker_pb2_grpc.add_WorkerServicer_to_server(w, s),
+                lambda s, w=PoisoningWorker(name, poison, sample): worker_pb2_grpc.add_WorkerServicer_to_server(w, s),
             )], "127.0.0.1", 0)
             for name, poison in hostile.items()
         ]
@@ -77,7 +83,7 @@ def federate(fleet: Fleet, out: Path, hostile: Dict[str, str]) -> List[dict]:
             workers = {name: process.address for name, process in fleet.workers.items()}
             workers.update({name: f"127.0.0.1:{server.port}" for name, server in zip(hostile, servers)})
             settings = RunSettings(workers=workers, evaluator=fleet.evaluator.address, out_dir=out, rounds=3,
-                                   min_workers=3, max_backoff=1.0,
+                                   min_workers=3, max_backoff=1.0, max_norm_ratio=max_norm_ratio,
                                    train=TrainConfig(max_batches=2, seed=3)).validated()
             await run(settings, say=lambda line: None)
         finally:
@@ -85,25 +91,50 @@ def federate(fleet: Fleet, out: Path, hostile: Dict[str, str]) -> List[dict]:
                 await server.stop(0)
 
     asyncio.run(scenario())
+    return metrics(out)
+
+
+def metrics(out: Path) -> List[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_poisoners_are_dropped_and_the_global_model_is_the_honest_one(fleet: Fleet, tmp_path: Path) -> None:
-    honest = federate(fleet, tmp_path / "honest", {})
-    attacked = federate(fleet, tmp_path / "attacked", {"mallory": "garbage", "trudy": "boost"})
+def accuracy(records: List[dict]) -> float:
+    return records[-1]["evaluation"]["global"]["accuracy"]
 
+
+@pytest.fixture(scope="module")
+def honest(fleet: Fleet, tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run of the honest fleet alone, the yardstick of both tests."""
+    out = tmp_path_factory.mktemp("honest")
+    federate(fleet, out, {}, tiny_mnist)
+    return out
+
+
+def test_garbage_claiming_2_63_examples_is_dropped_and_the_model_is_the_honest_one(
+    fleet: Fleet, tiny_mnist: Path, honest: Path, tmp_path: Path,
+) -> None:
+    attacked = federate(fleet, tmp_path, {"mallory": "garbage"}, tiny_mnist)
     assert all(r["workers"] == ["alice", "bob", "charlie"] for r in attacked)
-    first = attacked[0]["failed"]
-    assert first["mallory"].startswith("REJECTED: claims 9223372036854775807 training examples, the round allows 1..64")
-    assert first["trudy"].startswith("REJECTED: delta norm ") and "the median" in first["trudy"]
-    ratio = float(first["trudy"].split(" is ")[1].split("x")[0])
-    assert ratio > 10, first["trudy"]
-    for record in attacked:
-        for name in ("mallory", "trudy"):
-            assert name in record["skipped"] or record["failed"][name].startswith("REJECTED: "), record
-
-    accuracy = [r["evaluation"]["global"]["accuracy"] for r in (honest[-1], attacked[-1])]
-    assert accuracy[0] == accuracy[1] > 0.5, accuracy
-    clean = load_file(str(tmp_path / "honest" / "model.safetensors"))
-    survived = load_file(str(tmp_path / "attacked" / "model.safetensors"))
+    assert attacked[0]["failed"]["mallory"] == (
+        "REJECTED: claims 9223372036854775807 training examples, the round allows 1..64 "
+        "(2 batches x 32 x 1 epochs over the 100 examples its GetInfo announced)")
+    assert all("mallory" in r["skipped"] or r["failed"]["mallory"].startswith("REJECTED: claims") for r in attacked)
+    assert accuracy(attacked) == accuracy(metrics(honest)) > 0.5
+    clean = load_file(str(honest / "model.safetensors"))
+    survived = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(clean[k], survived[k]) for k in clean)
+
+
+def test_a_hundredfold_change_gets_a_typical_workers_say(
+    fleet: Fleet, tiny_mnist: Path, honest: Path, tmp_path: Path,
+) -> None:
+    """Without the rule (a ratio no change reaches) the same boost halves the accuracy."""
+    unguarded = federate(fleet, tmp_path / "unguarded", {"trudy": "boost"}, tiny_mnist, max_norm_ratio=1e6)
+    attacked = federate(fleet, tmp_path / "attacked", {"trudy": "boost"}, tiny_mnist)
+    assert accuracy(unguarded) + 0.2 < accuracy(metrics(honest)) <= accuracy(attacked)
+    for record in attacked:
+        note = record["clipped"]["trudy"]
+        assert note.startswith("delta norm ")
+        assert note.endswith("(over 10x, --max-norm-ratio); scaled down to the median")
+        assert float(note.split(" is ")[1].split("x")[0]) > 10, note
+        assert record["workers"] == ["alice", "bob", "charlie", "trudy"] and record["failed"] == {}

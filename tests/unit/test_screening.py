@@ -38,18 +38,33 @@ def test_the_delta_norm_covers_floating_tensors_only():
     assert screening.delta_norm(update, base) == 5.0
 
 
-def test_an_update_over_the_median_multiple_is_dropped_with_its_figures():
-    dropped = screening.norm_outliers({"a": 1.0, "b": 1.2, "c": 0.9, "d": 50.0}, 10.0)
-    assert dropped == {"d": "REJECTED: delta norm 50 is 45.5x the median 1.1 of the round's 4 updates "
-                            "(limit 10x, --max-norm-ratio)"}
-    assert screening.norm_outliers({"a": 1.0, "b": 9.9, "c": 1.0}, 10.0) == {}
+def test_a_change_over_the_median_multiple_is_scaled_down_to_it_with_its_figures():
+    base = {"w": torch.zeros(2), "n": torch.tensor(0)}
+    states = {name: {"w": torch.tensor([norm, 0.0]), "n": torch.tensor(7)}
+              for name, norm in (("a", 1.0), ("b", 1.2), ("c", 0.9), ("d", 50.0))}
+    norms = {name: screening.delta_norm(state, base) for name, state in states.items()}
+    averaged, notes = screening.clip_to_bound(states, base, norms, 10.0)
+    assert notes == {"d": "delta norm 50 is 45.5x the median 1.1 of the round's 4 updates; scaled down to 11 "
+                          "(10x, --max-norm-ratio)"}
+    assert torch.allclose(averaged["d"]["w"], torch.tensor([11.0, 0.0])) and int(averaged["d"]["n"]) == 7
+    assert all(averaged[name] is states[name] for name in "abc")
+
+
+def test_changes_within_the_bound_are_averaged_as_sent():
+    states = {name: {"w": torch.full((2,), float(i))} for i, name in enumerate("abc", start=1)}
+    averaged, notes = screening.clip_to_bound(states, {"w": torch.zeros(2)}, {"a": 1.0, "b": 9.9, "c": 1.0}, 10.0)
+    assert notes == {} and all(averaged[name] is states[name] for name in states)
 
 
 def test_two_updates_cannot_be_told_apart():
-    assert screening.norm_outliers({"a": 1.0, "b": 1e9}, 10.0) == {}
+    states = {"a": {"w": torch.ones(1)}, "b": {"w": torch.full((1,), 1e9)}}
+    assert screening.clip_to_bound(states, {"w": torch.zeros(1)}, {"a": 1.0, "b": 1e9}, 10.0)[1] == {}
 
 
-def test_a_zero_median_drops_every_update_that_moved():
-    dropped = screening.norm_outliers({"a": 0.0, "b": 0.0, "c": 2.0}, 10.0)
-    assert list(dropped) == ["c"] and "infx the median 0" in dropped["c"]
+def test_a_zero_median_brings_every_change_back_to_the_global_model():
+    base = {"w": torch.zeros(1)}
+    states = {"a": base, "b": base, "c": {"w": torch.full((1,), 2.0)}}
+    averaged, notes = screening.clip_to_bound(states, base, {"a": 0.0, "b": 0.0, "c": 2.0}, 10.0)
+    assert list(notes) == ["c"] and "infx the median 0" in notes["c"]
+    assert torch.equal(averaged["c"]["w"], torch.zeros(1))
     assert not math.isnan(screening.delta_norm({"w": torch.ones(1)}, {"w": torch.ones(1)}))
