@@ -1,5 +1,6 @@
 """Screening of updates: the example-count bound follows the worker's training loop,
-the delta norm ignores integer buffers, and the median rule needs three updates."""
+the delta norm ignores integer buffers, and a change over the median multiple is
+scaled to the median (which takes three updates to mean anything)."""
 
 from __future__ import annotations
 
@@ -38,15 +39,15 @@ def test_the_delta_norm_covers_floating_tensors_only():
     assert screening.delta_norm(update, base) == 5.0
 
 
-def test_a_change_over_the_median_multiple_is_scaled_down_to_it_with_its_figures():
+def test_a_change_over_the_median_multiple_is_scaled_down_to_the_median_with_its_figures():
     base = {"w": torch.zeros(2), "n": torch.tensor(0)}
     states = {name: {"w": torch.tensor([norm, 0.0]), "n": torch.tensor(7)}
               for name, norm in (("a", 1.0), ("b", 1.2), ("c", 0.9), ("d", 50.0))}
     norms = {name: screening.delta_norm(state, base) for name, state in states.items()}
     averaged, notes = screening.clip_to_bound(states, base, norms, 10.0)
-    assert notes == {"d": "delta norm 50 is 45.5x the median 1.1 of the round's 4 updates; scaled down to 11 "
-                          "(10x, --max-norm-ratio)"}
-    assert torch.allclose(averaged["d"]["w"], torch.tensor([11.0, 0.0])) and int(averaged["d"]["n"]) == 7
+    assert notes == {"d": "delta norm 50 is 45.5x the median 1.1 of the round's 4 updates (over 10x, "
+                          "--max-norm-ratio); scaled down to the median"}
+    assert torch.allclose(averaged["d"]["w"], torch.tensor([1.1, 0.0])) and int(averaged["d"]["n"]) == 7
     assert all(averaged[name] is states[name] for name in "abc")
 
 
