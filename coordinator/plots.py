@@ -4,7 +4,7 @@ Forty JSON lines hold everything a run measured but do not show whether the fede
 learned, whether each worker's update stays stuck on the digits it holds while their
 average spreads over all ten, or where the time went. accuracy.png, loss.png,
 shares.png and rounds.png do. Plots are drawn on an operator's machine, never on a
-board, so matplotlib is the optional extra `jetfed[report]`, imported only to draw.
+board, so matplotlib is the optional extra `report` (requirements/report.txt), imported only to draw.
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def _figure(rows: int = 1, cols: int = 1, height: float = SIZE[1], **subplots: A
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ReportError("drawing needs matplotlib: pip install 'jetfed[report]'") from None
+        raise ReportError(
+            "drawing needs matplotlib: pip install -r requirements/report.txt (in a checkout), "
+            "or pip install '<checkout or jetfed wheel>[report]'"
+        ) from None
     figure = Figure(figsize=(SIZE[0], height), dpi=DPI, layout="constrained")
     return figure, figure.subplots(rows, cols, squeeze=False, **subplots)
 

@@ -21,7 +21,8 @@ try:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 except ImportError as exc:  # the "certs" extra lives on operators' machines, not boards
-    raise ImportError("jetfed certs needs the 'cryptography' package: pip install 'jetfed[certs]'") from exc
+    raise ImportError("jetfed certs needs the 'cryptography' package: pip install "
+                      "'<checkout or jetfed wheel>[certs]' (jetfed is not on PyPI)") from exc
 
 from jetfed.errors import InvalidConfig
 

@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.plots import load_rounds, main, parse_groups
 
-draws = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs jetfed[report]")
+draws = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs the report extra (matplotlib)")
 
 WORKERS = {"alice": (0, 1, 2, 3), "bob": (4, 5, 6), "charlie": (7, 8, 9)}
 PNGS = ("accuracy.png", "loss.png", "shares.png", "rounds.png")
@@ -119,7 +119,7 @@ def test_without_matplotlib_says_how_to_install_it(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
 
     assert main([str(tmp_path)]) == 1
-    assert "pip install 'jetfed[report]'" in capsys.readouterr().err
+    assert "drawing needs matplotlib: pip install -r requirements/report.txt" in capsys.readouterr().err
 
 
 def test_load_rounds_keeps_the_last_record_of_a_round_in_round_order(tmp_path):
