@@ -6,6 +6,7 @@ four services have loaded their data."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import io
@@ -21,9 +22,12 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from coordinator.checkpoint import STATE_FILE
 from coordinator.cli import parse_args as coordinator_args
 from coordinator.cli import settings_from
+from coordinator.config_file import load_config, worker_labels
 from coordinator.settings import RunSettings
-from jetfed.data import how_to_get_mnist, missing_mnist_files, mnist_folders
+from jetfed.data import how_to_get_mnist, missing_mnist_files, mnist_folders, parse_labels
 from jetfed.errors import JetfedError
+
+COORDINATOR = "coordinator"
 
 
 class Refused(Exception):
@@ -120,6 +124,8 @@ def check_ports(binds: Iterable[Bind]) -> None:
     for bind in binds:
         if bind.port == 0:
             continue
+        if not 0 < bind.port < 65536:
+            raise Refused(f"{bind.what} cannot listen on port {bind.port}: ports are 1..65535")
         if bind.port in seen:
             raise Refused(f"{seen[bind.port].what} and {bind.what} both want port {bind.port}; "
                           f"move one ({bind.moved_by})")
@@ -201,3 +207,137 @@ def _holder_from_ss(port: int) -> Optional[str]:
 def split_address(address: str) -> Tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A service run-local starts: where it listens and (workers) the labels it holds."""
+
+    name: str
+    host: str
+    port: int
+    labels: str = "all"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def endpoints(config: Path, base_port: Optional[int], host: Optional[str]) -> Tuple[List[Endpoint], Endpoint]:
+    """Workers and evaluator as the config places them; --base-port/--host move them all."""
+    values = load_config(config)
+    if not values.get("worker") or not values.get("evaluator"):
+        raise Refused(f"{config} needs [workers.NAME] tables and an [evaluator] for run-local to start")
+    labels = worker_labels(config)
+    places = [(name, address) for name, address in values["worker"]]
+    places.append(tuple(values["evaluator"].split("=", 1)))
+    found = []
+    for index, (name, address) in enumerate(places):
+        config_host, _, port = address.rpartition(":")
+        if base_port is None and not port.isdigit():
+            raise Refused(f"{config}: {name}'s address {address!r} is not HOST:PORT")
+        found.append(Endpoint(name, host or config_host, base_port + index if base_port is not None else int(port),
+                              labels.get(name, "all")))
+    return found[:-1], found[-1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run checked before anything starts: where it writes, whom it starts, how."""
+
+    args: argparse.Namespace
+    extra: List[str]
+    wording: Wording
+    workers: List[Endpoint]
+    evaluator: Endpoint
+
+    @property
+    def out(self) -> Path:
+        return self.args.resume or self.args.out
+
+    def coordinator_argv(self, pki: Optional[Path]) -> List[str]:
+        """The coordinator's flags; the same list is validated before the start."""
+        args = self.args
+        argv = ["--config", str(args.config), "--out", str(self.out), "--model", args.model,
+                *[f"--worker={w.name}={w.address}" for w in self.workers],
+                f"--evaluator={self.evaluator.name}={self.evaluator.address}", *tls_flags(pki, COORDINATOR)]
+        if args.base_port is not None:
+            argv += ["--status-address", f"{self.evaluator.host}:{self.evaluator.port + 1}"]
+        for flag, value in (("--rounds", args.rounds), ("--seed", args.seed), ("--metrics-address", args.metrics_address)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if args.resume:
+            argv.append("--resume")
+        return [*argv, *self.extra]
+
+
+def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
+    """Every check that needs no service, cheapest first; raises Refused."""
+    wording = Wording(args.from_make is not None)
+    if (args.out is None) == (args.resume is None):
+        raise Refused(f"give {wording.name('OUT', '--out')} for a new run or {wording.name('RESUME', '--resume')} "
+                      "to continue one (exactly one of them)")
+    config = wording.setting("CONFIG", "--config", args.config)
+    try:
+        workers, evaluator = endpoints(args.config, args.base_port, args.host)
+        for worker in workers:
+            parse_labels(worker.labels)
+    except JetfedError as exc:
+        raise Refused(f"{config}: {exc}") from None
+    ports = len(workers) + 2  # the services and the coordinator's status service
+    if args.base_port is not None and not 0 < args.base_port <= 65536 - ports:
+        raise Refused(f"{wording.setting('BASE_PORT', '--base-port', args.base_port)}: the run takes {ports} ports "
+                      f"from it, so it must be in 1..{65536 - ports}")
+    plan = Plan(args, extra, wording, workers, evaluator)
+    # TLS files are made once the run folder exists; their flags are launcher-made.
+    settings = coordinator_settings(plan.coordinator_argv(None), wording, setters(plan))
+    check_data(args.data_dir, wording)
+    check_out(plan.out, args.resume is not None, wording)
+    check_ports(binds(plan, settings.status_address, settings.metrics_address))
+    return plan
+
+
+def setters(plan: Plan) -> Dict[str, str]:
+    """Which setting the user would change for each coordinator field they set."""
+    wording, args = plan.wording, plan.args
+    found = {field: wording.setting(variable, flag, value) for field, variable, flag, value in (
+        ("rounds", "ROUNDS", "--rounds", args.rounds), ("seed", "SEED", "--seed", args.seed),
+        ("metrics_address", "METRICS", "--metrics-address", args.metrics_address),
+    ) if value is not None}
+    if args.base_port is not None:
+        found["status_address"] = f"{wording.setting('BASE_PORT', '--base-port', args.base_port)}: the evaluator's port + 1"
+    for word in plan.extra:
+        if word.startswith("--"):
+            found[word[2:].split("=", 1)[0].replace("-", "_")] = wording.extra
+    return found
+
+
+def binds(plan: Plan, status: Optional[str], metrics: Optional[str]) -> List[Bind]:
+    """Every address the run will listen on, each with the setting that moves it."""
+    wording, args = plan.wording, plan.args
+    services = [*plan.workers, plan.evaluator]
+    base = wording.setting("BASE_PORT", "--base-port", "N")
+    moves = f"stop it, or move the services with {base} (they take N..N+{len(services)})"
+    if args.base_port is None:
+        moves += f" or change their addresses in {wording.setting('CONFIG', '--config', args.config)}"
+    found = [Bind(s.name, s.host, s.port, moves) for s in services]
+    if status:
+        if "--status-address" in " ".join(plan.extra):
+            where = f"change --status-address in {wording.extra}"
+        elif args.base_port is not None:
+            where = f"it follows {base} (the evaluator's port + 1): choose another N"
+        else:
+            where = f"change status_address in {args.config} or choose {base} (the status then takes N+{len(services)})"
+        found.append(Bind("the coordinator's status service", *split_address(status), f"stop that process, or {where}"))
+    if metrics:
+        found.append(Bind("the coordinator's metrics endpoint", *split_address(metrics),
+                          f"stop that process, or choose another {wording.name('METRICS', '--metrics-address')}"))
+    return found
+
+
+def tls_flags(pki: Optional[Path], node: str) -> List[str]:
+    if pki is None:
+        return []
+    folder = pki / node
+    return ["--tls-cert", str(folder / f"{node}.crt"), "--tls-key", str(folder / f"{node}.key"),
+            "--tls-ca", str(folder / "ca.crt")]

@@ -25,53 +25,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.checkpoint import STATE_FILE
-from coordinator.config_file import load_config, worker_labels
-from jetfed.data import parse_labels
 from jetfed.errors import JetfedError
 from jetfed.signals import cancel_on_signals
 from jetfed.tls import channel_credentials
-from preflight import Bind, Refused, Wording, check_data, check_out, check_ports, coordinator_settings, split_address
+from preflight import COORDINATOR, Endpoint, Plan, Refused, make_plan, tls_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "federation.toml"
-COORDINATOR = "coordinator"
 TAIL_LINES = 15
 # The make variables behind each launcher setting, for messages and the resume command.
 MAKE_VARIABLES = ("DATA_DIR", "CONFIG", "ROUNDS", "SEED", "TLS", "BASE_PORT", "METRICS", "ARGS")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    name: str
-    host: str
-    port: int
-    labels: str = "all"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def endpoints(config: Path, base_port: Optional[int], host: Optional[str]) -> Tuple[List[Endpoint], Endpoint]:
-    """Workers and evaluator as the config places them; --base-port/--host move them all."""
-    values = load_config(config)
-    if not values.get("worker") or not values.get("evaluator"):
-        raise Refused(f"{config} needs [workers.NAME] tables and an [evaluator] for run-local to start")
-    labels = worker_labels(config)
-    places = [(name, address) for name, address in values["worker"]]
-    places.append(tuple(values["evaluator"].split("=", 1)))
-    found = []
-    for index, (name, address) in enumerate(places):
-        config_host, _, port = address.rpartition(":")
-        found.append(Endpoint(name, host or config_host, base_port + index if base_port else int(port),
-                              labels.get(name, "all")))
-    return found[:-1], found[-1]
 
 
 def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
@@ -102,94 +71,6 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).expanduser())
     return args, extra
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A run checked before anything starts: where it writes, whom it starts, how."""
-
-    args: argparse.Namespace
-    extra: List[str]
-    wording: Wording
-    workers: List[Endpoint]
-    evaluator: Endpoint
-
-    @property
-    def out(self) -> Path:
-        return self.args.resume or self.args.out
-
-    def coordinator_argv(self, pki: Optional[Path]) -> List[str]:
-        """The coordinator's flags; the same list is validated before the start."""
-        args = self.args
-        argv = ["--config", str(args.config), "--out", str(self.out), "--model", args.model,
-                *[f"--worker={w.name}={w.address}" for w in self.workers],
-                f"--evaluator={self.evaluator.name}={self.evaluator.address}", *tls_flags(pki, COORDINATOR)]
-        if args.base_port:
-            argv += ["--status-address", f"{self.evaluator.host}:{self.evaluator.port + 1}"]
-        for flag, value in (("--rounds", args.rounds), ("--seed", args.seed), ("--metrics-address", args.metrics_address)):
-            if value is not None:
-                argv += [flag, str(value)]
-        if args.resume:
-            argv.append("--resume")
-        return [*argv, *self.extra]
-
-
-def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
-    """Every check that needs no service, cheapest first; raises Refused."""
-    wording = Wording(args.from_make is not None)
-    if (args.out is None) == (args.resume is None):
-        raise Refused(f"give {wording.name('OUT', '--out')} for a new run or {wording.name('RESUME', '--resume')} "
-                      "to continue one (exactly one of them)")
-    config = wording.setting("CONFIG", "--config", args.config)
-    try:
-        workers, evaluator = endpoints(args.config, args.base_port, args.host)
-        for worker in workers:
-            parse_labels(worker.labels)
-    except JetfedError as exc:
-        raise Refused(f"{config}: {exc}") from None
-    plan = Plan(args, extra, wording, workers, evaluator)
-    # TLS files are made once the run folder exists; their flags are launcher-made.
-    settings = coordinator_settings(plan.coordinator_argv(None), wording, setters(plan))
-    check_data(args.data_dir, wording)
-    check_out(plan.out, args.resume is not None, wording)
-    check_ports(binds(plan, settings.status_address, settings.metrics_address))
-    return plan
-
-
-def setters(plan: Plan) -> Dict[str, str]:
-    """Which setting the user would change for each coordinator field they set."""
-    wording, args = plan.wording, plan.args
-    found = {field: wording.setting(variable, flag, value) for field, variable, flag, value in (
-        ("rounds", "ROUNDS", "--rounds", args.rounds), ("seed", "SEED", "--seed", args.seed),
-        ("metrics_address", "METRICS", "--metrics-address", args.metrics_address),
-    ) if value is not None}
-    for word in plan.extra:
-        if word.startswith("--"):
-            found[word[2:].split("=", 1)[0].replace("-", "_")] = wording.extra
-    return found
-
-
-def binds(plan: Plan, status: Optional[str], metrics: Optional[str]) -> List[Bind]:
-    """Every address the run will listen on, each with the setting that moves it."""
-    wording, args = plan.wording, plan.args
-    services = [*plan.workers, plan.evaluator]
-    base = wording.setting("BASE_PORT", "--base-port", "N")
-    moves = f"stop it, or move the services with {base} (they take N..N+{len(services)})"
-    if not args.base_port:
-        moves += f" or change their addresses in {wording.setting('CONFIG', '--config', args.config)}"
-    found = [Bind(s.name, s.host, s.port, moves) for s in services]
-    if status:
-        if "--status-address" in " ".join(plan.extra):
-            where = f"change --status-address in {wording.extra}"
-        elif args.base_port:
-            where = f"it follows {base} (the evaluator's port + 1): choose another N"
-        else:
-            where = f"change status_address in {args.config} or choose {base} (the status then takes N+{len(services)})"
-        found.append(Bind("the coordinator's status service", *split_address(status), f"stop that process, or {where}"))
-    if metrics:
-        found.append(Bind("the coordinator's metrics endpoint", *split_address(metrics),
-                          f"stop that process, or choose another {wording.name('METRICS', '--metrics-address')}"))
-    return found
 
 
 def _die_with_parent() -> None:
@@ -261,14 +142,6 @@ def provision(pki: Path, workers: List[Endpoint], evaluator: Endpoint) -> None:
             "--evaluator", f"{evaluator.name}={evaluator.host}"]
     args += [arg for w in workers for arg in ("--worker", f"{w.name}={w.host}")]
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-
-
-def tls_flags(pki: Optional[Path], node: str) -> List[str]:
-    if pki is None:
-        return []
-    folder = pki / node
-    return ["--tls-cert", str(folder / f"{node}.crt"), "--tls-key", str(folder / f"{node}.key"),
-            "--tls-ca", str(folder / "ca.crt")]
 
 
 def health_channel(address: str, pki: Optional[Path]) -> grpc.aio.Channel:

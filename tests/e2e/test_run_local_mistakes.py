@@ -55,7 +55,7 @@ def refused(result: subprocess.CompletedProcess, *reasons: str) -> str:
 @pytest.fixture
 def base() -> Iterator[int]:
     """A free block of ports for one run; afterwards nothing may listen there."""
-    port = free_port_block(SERVICES)
+    port = free_port_block(SERVICES + 1)  # one spare, for a METRICS= port
     yield port
     assert all(nothing_listens(port + i) for i in range(SERVICES)), "a service outlived run-local"
 
@@ -181,3 +181,24 @@ def test_a_failing_coordinator_shows_its_error_and_keeps_the_run(tiny_mnist: Pat
     assert "coordinator exited with status 1; the last lines of" in output, output
     assert "holds no checkpoint" in output, output
     assert (out / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_metrics_reaches_the_coordinators_validation(tiny_mnist: Path, tmp_path: Path, base: int) -> None:
+    refused(make(DATA_DIR=str(tiny_mnist), OUT=str(tmp_path / "run"), BASE_PORT=str(base), METRICS="127.0.0.1:99999"),
+            "metrics_address: '127.0.0.1:99999' is not HOST:PORT", "(set by METRICS=127.0.0.1:99999)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refused_resume_leaves_the_runs_logs_alone(
+    tiny_mnist: Path, tmp_path: Path, base: int, listening: socket.socket,
+) -> None:
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "coordinator.log").write_text("stopped by a signal\n")
+    (out / "metrics.jsonl").write_text('{"round": 1}\n')
+    listening.bind(("127.0.0.1", base + 5))
+    listening.listen()
+    before = snapshot(out)
+    refused(make(DATA_DIR=str(tiny_mnist), RESUME=str(out), BASE_PORT=str(base), METRICS=f"127.0.0.1:{base + 5}"),
+            f"the coordinator's metrics endpoint cannot listen on 127.0.0.1:{base + 5}", "choose another METRICS=")
+    assert snapshot(out) == before
