@@ -258,8 +258,13 @@ def resume_command(plan: Plan, argv: List[str]) -> str:
         if not skip and word not in ("--out", "--resume") and not word.startswith(("--out=", "--resume=")):
             kept.append(word)
         skip = word in ("--out", "--resume") and not skip
-    launcher = os.path.relpath(__file__) if not os.path.relpath(__file__).startswith("..") else __file__
-    return shlex.join([sys.executable, launcher, *kept, "--resume", str(plan.out), *argv[cut:]])
+    return shlex.join([shown(sys.executable), shown(__file__), *kept, "--resume", str(plan.out), *argv[cut:]])
+
+
+def shown(path: str) -> str:
+    """`path` relative to the working directory when it lies below it: shorter to read."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def settle(plan: Plan, code: int, argv: List[str], made: bool) -> None:
