@@ -47,7 +47,7 @@ DEFAULTS = {
     "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
     "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "max_norm_ratio": DEFAULT_MAX_NORM_RATIO,
     "out": None,
-    "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": stream.DEFAULT_MAX_PAYLOAD_BYTES,
+    "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": None,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
     "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO", "status_address": None,
     "metrics_address": None,
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
          "the round's median change (needs 3 updates or more)", type=float)
     flag("--out", "output folder (default: runs/<timestamp>)", type=Path)
     flag("--chunk-bytes", type=int)
-    flag("--max-payload-bytes", type=int)
+    flag("--max-payload-bytes", "largest update accepted from a worker (default: the model's size plus 10%% and 1 MiB)",
+         type=int)
     flag("--round-timeout", "deadline of a round's training in seconds; later updates are discarded", type=float)
     flag("--eval-timeout", "deadline of each Evaluate call, seconds", type=float)
     flag("--connect-timeout", "how long to wait for services to come up, seconds", type=float)

@@ -20,7 +20,7 @@ from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerC
 from coordinator.fedavg import fedavg
 from coordinator.roster import Roster
 from coordinator.settings import RunSettings
-from jetfed import codec, tls
+from jetfed import codec, stream, tls
 from jetfed.auth import bearer_metadata
 from jetfed.config import TrainConfig
 from jetfed.errors import JetfedError
@@ -34,6 +34,9 @@ Say = Callable[[str], None]
 
 _EVALUATOR = "evaluator"
 _REMIND_EVERY_S = 5.0
+# Models scored at once: under the evaluator's default --max-concurrent-streams (8), so
+# a fleet of any size never meets its RESOURCE_EXHAUSTED; it scores one at a time anyway.
+_CONCURRENT_EVALUATIONS = 4
 # How long the evaluator may delay the start once the workers have answered: services
 # started together come up within seconds of each other; one still silent is down.
 _EVALUATOR_GRACE_S = 5.0
@@ -87,9 +90,10 @@ class Federation:
         if credentials is None:
             tls.warn_plaintext(log, "the coordinator's calls to the fleet")
         metadata = bearer_metadata(settings.token)
+        max_payload = settings.max_payload_bytes or stream.payload_limit(codec.payload_size_range(self._spec)[1])
         self.workers = {
             name: WorkerClient(
-                name, address, settings.model, self._spec, settings.chunk_bytes, settings.max_payload_bytes,
+                name, address, settings.model, self._spec, settings.chunk_bytes, max_payload,
                 credentials, metadata, self.telemetry,
             )
             for name, address in settings.workers.items()
@@ -359,7 +363,8 @@ class Federation:
         tagged.append(("global", "Federated model", self.global_weights))
         groups = await self._label_groups()
         self.say("Evaluating models")
-        scores = await asyncio.gather(*(self._evaluate(key, w, timeout) for key, _, w in tagged))
+        limit = asyncio.Semaphore(_CONCURRENT_EVALUATIONS)
+        scores = await asyncio.gather(*(self._evaluate(key, w, timeout, limit) for key, _, w in tagged))
         for (_, who, _), score in zip(tagged, scores):
             self.say(report.share_line(who, score, groups))
             self.say(report.score_line(who, score))
@@ -368,10 +373,11 @@ class Federation:
         ])
         return {key: score for (key, _, _), score in zip(tagged, scores)}
 
-    async def _evaluate(self, key: str, weights: Weights, timeout: float) -> Score:
+    async def _evaluate(self, key: str, weights: Weights, timeout: float, limit: asyncio.Semaphore) -> Score:
         assert self.evaluator is not None
-        started = time.perf_counter()
-        score = await self.evaluator.evaluate(key, weights, timeout)
+        async with limit:
+            started = time.perf_counter()
+            score = await self.evaluator.evaluate(key, weights, timeout)
         self.telemetry.observe_evaluate(key, time.perf_counter() - started)
         return score
 

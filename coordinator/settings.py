@@ -41,7 +41,8 @@ class RunSettings:
     weighting: str = "examples"
     max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO
     chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES
-    max_payload_bytes: int = stream.DEFAULT_MAX_PAYLOAD_BYTES
+    # Largest update accepted from a worker; None: the model's size plus a margin.
+    max_payload_bytes: Optional[int] = None
     round_timeout: float = 300.0
     eval_timeout: float = 300.0
     connect_timeout: float = 60.0
@@ -90,7 +91,8 @@ class RunSettings:
             if not (port.isdigit() and int(port) <= 65535):
                 raise InvalidConfig(f"{name}: {address!r} is not HOST:PORT with a port in 0..65535")
         stream.check_chunk_size(self.chunk_bytes)
-        _check_int("max_payload_bytes", self.max_payload_bytes, 1, MAX_PAYLOAD_BYTES)
+        if self.max_payload_bytes is not None:
+            _check_int("max_payload_bytes", self.max_payload_bytes, 1, MAX_PAYLOAD_BYTES)
         build_model(self.model)
         self.train.validated()
         return self
