@@ -107,9 +107,12 @@ class WorkerClient:
         self, name: str, address: str, model: str, spec: Tuple[TensorInfo, ...],
         chunk_bytes: int, max_payload_bytes: int,
         credentials: Optional[grpc.ChannelCredentials] = None, metadata: Metadata = (),
-        telemetry: Optional[Telemetry] = None,
+        telemetry: Optional[Telemetry] = None, run_id: str = "",
     ) -> None:
+        """`run_id` names this run in every Train header, so a worker that another run
+        is driving refuses it (FAILED_PRECONDITION, both runs named); "" says nothing."""
         self.name = name
+        self.run_id = run_id
         self.address = address
         self._model = model
         self._spec = spec
@@ -129,7 +132,7 @@ class WorkerClient:
         head = worker_pb2.TrainRequest(
             header=worker_pb2.TrainHeader(
                 round=round_number, config=wire.config_to_proto(config),
-                manifest=wire.manifest_to_proto(weights.manifest),
+                manifest=wire.manifest_to_proto(weights.manifest), run_id=self.run_id,
             )
         )
         call = self._stub.Train(timeout=timeout, metadata=self._metadata)

@@ -13,6 +13,12 @@ LOSSES = ("nll",)
 MAX_BATCH_SIZE = 65536
 MAX_BATCHES = 1_000_000
 MAX_EPOCHS = 1000
+# A worker's bound on the examples one Train may ask it to process (epochs x examples
+# per epoch): a valid config can still ask for days of work (1000 epochs of batch size
+# 1). The reference recipe needs 320; the default allows about 40 passes over a board's
+# 24,000-image partition and still ends a hostile round in minutes.
+WORK_SETTING = "--max-examples-per-round"
+DEFAULT_MAX_EXAMPLES_PER_ROUND = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -46,3 +52,27 @@ class TrainConfig:
         if not 0 <= self.seed < 2**63:
             raise InvalidConfig(f"seed: {self.seed} must be in 0..2**63-1")
         return self
+
+    def examples_per_round(self, dataset_size: int) -> int:
+        """Examples one round of this config processes over `dataset_size` examples:
+        every epoch takes max_batches batches, or the whole data set when max_batches is 0
+        (or when it holds fewer)."""
+        per_epoch = dataset_size if not self.max_batches else min(dataset_size, self.max_batches * self.batch_size)
+        return self.epochs * per_epoch
+
+    def require_work_within(self, dataset_size: int, limit: int) -> None:
+        """Refuse a round over `limit` examples, naming the fields and the setting."""
+        examples = self.examples_per_round(dataset_size)
+        if examples > limit:
+            batches = "0 (the whole data set)" if not self.max_batches else str(self.max_batches)
+            raise InvalidConfig(
+                f"config: epochs {self.epochs} x max_batches {batches} x batch_size {self.batch_size} over "
+                f"{dataset_size} examples is {examples} examples, over this worker's {WORK_SETTING} of {limit}"
+            )
+
+
+def work_limit(value: int) -> int:
+    """A worker's --max-examples-per-round, checked once at start-up."""
+    if value < 1:
+        raise InvalidConfig(f"{WORK_SETTING}: {value} must be at least 1")
+    return value

@@ -67,3 +67,22 @@ class DataNotFound(JetfedError):
 class AddressInUse(InvalidConfig):
     """A port this process must bind is already taken; the message names the address and
     the setting that moves it."""
+
+
+class TrainingStopped(JetfedError):
+    """A round stopped between batches because nobody awaits it any more (its call was
+    cancelled or ran out of time, or the service is stopping)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class WorkerBusy(JetfedError):
+    """A worker already holds a round (training it, or stopping an abandoned one)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class RunConflict(JetfedError):
+    """A Train from another run while the worker still serves the run it has been serving."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

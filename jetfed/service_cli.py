@@ -99,17 +99,20 @@ async def host_until_signal(
     args: argparse.Namespace, descriptor: ServiceDescriptor, add_servicer: Callable[[grpc.aio.Server], None],
     security: Tuple[Optional[grpc.ServerCredentials], List[grpc.aio.ServerInterceptor]], executor: Executor,
     telemetry: Telemetry, admission: ConcurrencyLimit,
+    on_started: Callable[[serving.RunningServer], None] = lambda running: None,
 ) -> None:
     """Serve one service (with health and reflection) until SIGTERM/SIGINT, then let the
     torch thread go. systemd hears READY=1 once the port serves (Type=notify units).
     Metrics come first among the interceptors, so refused calls count; admission comes
     before the caller check, so a guarded client hears it was admitted (jetfed.auth's
-    ADMITTED) only once both let it in, and starts writing only then."""
+    ADMITTED) only once both let it in, and starts writing only then. `on_started`
+    gets the running server, e.g. for a servicer whose health follows its state."""
     credentials, interceptors = security
     running = await serving.start_server(
         [serving.Service(descriptor.full_name, add_servicer)], args.host, args.port, credentials,
         [RpcMetricsInterceptor(telemetry), admission, *interceptors],
     )
+    on_started(running)
     readiness.notify("READY=1")
     try:
         await serving.serve_until_signal(running, args.grace)

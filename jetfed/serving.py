@@ -50,6 +50,12 @@ class RunningServer:
         for name in ["", *self.services]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def mark_not_serving(self) -> None:
+        """Say the service cannot take work for now (mark_serving says it can again);
+        once shutdown has begun, health stays NOT_SERVING whatever is marked."""
+        for name in ["", *self.services]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)

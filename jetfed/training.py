@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
 from jetfed.data import LabeledImages
+from jetfed.errors import TrainingStopped
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -69,9 +71,15 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
-def train_round(model: nn.Module, data: DeviceData, config: TrainConfig, seed: int) -> TrainOutcome:
+def train_round(
+    model: nn.Module, data: DeviceData, config: TrainConfig, seed: int, stop: Optional[threading.Event] = None,
+) -> TrainOutcome:
     """Train `model` in place on shuffled batches; a fresh optimizer every round, as the
-    reference did, so no state leaks from one global model to the next."""
+    reference did, so no state leaks from one global model to the next.
+
+    `stop` is looked at before every batch: a round nobody waits for any more (its call
+    cancelled or past its deadline, the service shutting down) raises TrainingStopped
+    at the next batch instead of running its remaining epochs."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     order_rng = torch.Generator().manual_seed(seed)
@@ -85,6 +93,8 @@ def train_round(model: nn.Module, data: DeviceData, config: TrainConfig, seed: i
     for _ in range(config.epochs):
         order = torch.randperm(len(data), generator=order_rng).to(data.labels.device)
         for b in range(batches):
+            if stop is not None and stop.is_set():
+                raise TrainingStopped(f"training stopped after {examples} examples: nobody awaits the round")
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
             inputs, labels = data.inputs[index], data.labels[index]
             optimizer.zero_grad()

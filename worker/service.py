@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Executor
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
 
 import grpc
 
 from jetfed import codec, wire
-from jetfed.config import TrainConfig
+from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, TrainConfig
+from jetfed.errors import InvalidConfig, StreamStalled, TrainingStopped
 from jetfed.info import service_info
 from jetfed.models import build_model
 from jetfed.scoring import Scorer
+from jetfed.serving import RunningServer
 from jetfed.status import rpc_status
 from jetfed.telemetry import Telemetry
 from jetfed.training import DeviceData, TrainOutcome, derive_seed, train_round
 from jetfed.v1 import evaluation_pb2, info_pb2, worker_pb2, worker_pb2_grpc
+from worker.rounds import Round, RunLedger, TrainingSlot
 
 log = logging.getLogger(__name__)
+
+# A caller gets this long to send a complete header; until it has, it holds nothing.
+# Seconds, not the --receive-timeout for the whole model: a header is a few kilobytes.
+HEADER_TIMEOUT_S = 10.0
+MAX_ROUND = 2**32 - 1  # what TrainResult.round carries back
+# On shutdown, how long a round told to stop may take to let its call end (one batch).
+SHUTDOWN_WAIT_S = 5.0
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -28,12 +39,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     The model instance stays warm between rounds; each Train loads the incoming global
     weights into it, so every round starts from the coordinator's model, never from this
     worker's previous update.
+
+    A Train holds the worker from its complete, valid header until its training thread
+    is done. A round whose call ends first (cancelled, past its deadline, or cut by
+    shutdown) is told to stop at its next batch; until its thread has stopped, health
+    says NOT_SERVING and a new Train is ABORTED. Health does not flip while a round is
+    merely in progress: a busy worker answers ABORTED and takes the next round, and a
+    health check that flapped every round would make launchers and coordinators think
+    it went away. NOT_SERVING means work is running that nobody will collect.
     """
 
     def __init__(
         self, name: str, model_name: str, data: DeviceData, label_counts: list,
         device_label: str, executor: Executor, chunk_bytes: int, max_payload_bytes: int,
         receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
+        max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND,
     ) -> None:
         self._name = name
         self._model_name = model_name
@@ -46,11 +66,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._chunk_bytes = chunk_bytes
         self._max_payload_bytes = max_payload_bytes
         self._receive_timeout = receive_timeout
-        self._training = asyncio.Lock()
-        self._training_round = 0
+        self._max_examples = max_examples_per_round
+        self._training = TrainingSlot(name)
+        self._runs = RunLedger(name)
+        self._stopping: Optional[asyncio.Task] = None  # held, so the loop does not collect it
+        self._health: Optional[RunningServer] = None
         self._telemetry = telemetry or Telemetry()
         self._scorer = Scorer(model_name, data, device_label, executor, max_payload_bytes,
                               receive_timeout=receive_timeout, telemetry=self._telemetry)
+
+    def report_health_through(self, running: RunningServer) -> None:
+        """Let health say NOT_SERVING while an abandoned round stops (see the class)."""
+        self._health = running
 
     async def GetInfo(self, request: info_pb2.GetInfoRequest, context: grpc.aio.ServicerContext) -> info_pb2.GetInfoResponse:
         return service_info(self._name, "worker", self._device_label, self._model_name, self._label_counts)
@@ -58,46 +85,115 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Train(
         self, request_iterator: AsyncIterator[worker_pb2.TrainRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TrainResponse]:
-        if self._training.locked():
-            log.warning("rpc=Train peer=%s status=ABORTED busy with round %d", context.peer(), self._training_round)
-            await context.abort(
-                grpc.StatusCode.ABORTED,
-                f"worker {self._name} is already training round {self._training_round}; retry when it is done",
-            )
-        async with self._training, rpc_status(context, "Train"):
+        async with rpc_status(context, "Train"):
+            held, head, manifest, payload = await self._receive(request_iterator, context)
+            try:
+                config = wire.config_from_proto(head.config)
+                state = codec.decode(manifest, payload)
+                codec.require_finite(state)
+                seed = derive_seed(config.seed, head.round, self._name)
+                outcome = await self._train_until_abandoned(held, state, config, seed)
+                for message in self._result_messages(head, outcome):
+                    yield message
+            finally:
+                self._runs.ended(held.run_id)
+                if not held.outlives_call:
+                    self._training.release(held)
+
+    async def _receive(
+        self, requests: AsyncIterator[worker_pb2.TrainRequest], context: grpc.aio.ServicerContext,
+    ) -> Tuple[Round, Any, codec.Manifest, bytes]:
+        """Read a Train stream, taking the worker only once its header is complete and
+        valid: a refused header (busy worker included) costs its caller the rest of its
+        upload, read unbuffered, so the refusal reaches a client that was still writing
+        with its own code (wire._discard), and an idle or refused caller holds nothing."""
+        claimed: List[Round] = []
+
+        def accept(head: worker_pb2.TrainHeader, manifest: codec.Manifest) -> None:
+            self._check_header(head, manifest)
+            self._runs.check(head.run_id)
+            claimed.append(self._training.claim(head.round, head.run_id))
+            self._runs.started(head.run_id, context.peer())
+
+        try:
             head, manifest, payload = await wire.read_weight_stream(
-                request_iterator, "header", self._max_payload_bytes, self._receive_timeout, self._check_header,
-                self._telemetry.on_bytes_received("Train"),
+                _header_within(requests, HEADER_TIMEOUT_S), "header", self._max_payload_bytes,
+                self._receive_timeout, accept, self._telemetry.on_bytes_received("Train"),
             )
-            config = wire.config_from_proto(head.config)
-            state = codec.decode(manifest, payload)
-            codec.require_finite(state)
-            seed = derive_seed(config.seed, head.round, self._name)
-            loop = asyncio.get_running_loop()
-            outcome: TrainOutcome = await loop.run_in_executor(
-                self._executor, self._train, state, config, seed
-            )
-            result_manifest, result_payload = codec.encode(outcome.state, self._model_name)
-            log.info(
-                "train round=%d examples=%d loss=%.4f seconds=%.3f",
-                head.round, outcome.num_examples, outcome.mean_loss, outcome.seconds,
-            )
-            result = worker_pb2.TrainResult(
-                round=head.round, worker=self._name, num_examples=outcome.num_examples,
-                mean_loss=outcome.mean_loss, train_seconds=outcome.seconds,
-                device=self._device_label, manifest=wire.manifest_to_proto(result_manifest),
-            )
-            for message in wire.weight_messages(
-                worker_pb2.TrainResponse(result=result), result_payload, self._chunk_bytes,
-                lambda chunk: worker_pb2.TrainResponse(chunk=chunk), self._telemetry.on_bytes_sent("Train"),
-            ):
-                yield message
+        except BaseException:
+            for held in claimed:
+                self._runs.ended(held.run_id)
+                self._training.release(held)
+            raise
+        return claimed[0], head, manifest, payload
 
     def _check_header(self, head: worker_pb2.TrainHeader, manifest: codec.Manifest) -> None:
-        """Refuse a bad config or another model's weights before their bytes arrive."""
-        self._training_round = head.round
-        wire.config_from_proto(head.config)
+        """Refuse a bad or oversized config or another model's weights before their bytes arrive."""
+        if head.round > MAX_ROUND:
+            raise InvalidConfig(f"round: {head.round} must be in 0..{MAX_ROUND}")
+        config = wire.config_from_proto(head.config)
+        config.require_work_within(len(self._data), self._max_examples)
         codec.check_manifest(manifest, self._model_name, self._spec)
+
+    async def _train_until_abandoned(
+        self, held: Round, state: codec.StateDict, config: TrainConfig, seed: int,
+    ) -> TrainOutcome:
+        """Train in the torch thread. If this call ends first, the round is abandoned:
+        it stops at its next batch and keeps the worker until its thread is done."""
+        training = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._train, state, config, seed, held
+        )
+        try:
+            return await asyncio.shield(training)
+        finally:
+            if not training.done():
+                if held.abandon():
+                    log.warning("train round=%d run=%s abandoned by its caller; stopping at the next batch",
+                                held.number, held.run_id or "-")
+                held.outlives_call = True
+                self._stopping = asyncio.ensure_future(self._release_when_stopped(held, training))
+
+    async def _release_when_stopped(self, held: Round, training: "asyncio.Future[TrainOutcome]") -> None:
+        """Keep the worker, with health NOT_SERVING, until the abandoned round's thread is done."""
+        if self._health is not None:
+            await self._health.mark_not_serving()
+        await asyncio.wait([training])
+        if not training.cancelled():
+            training.exception()  # retrieved: TrainingStopped, or a round that finished unawaited
+        self._training.release(held)
+        if self._health is not None:
+            await self._health.mark_serving()
+
+    async def stop_training(self, within: float = SHUTDOWN_WAIT_S) -> None:
+        """Once the server has stopped: a round still running stops at its next batch,
+        so the process can exit, and its call is let end (within `within` seconds) rather
+        than cut off by the event loop's teardown."""
+        held = self._training.held
+        if held is None:
+            return
+        if held.abandon():
+            log.warning("train round=%d run=%s stopping at the next batch: the worker is shutting down",
+                        held.number, held.run_id or "-")
+        try:
+            await asyncio.wait_for(self._training.wait_free(), within)
+        except asyncio.TimeoutError:
+            log.warning("train round=%d still running %.0fs after shutdown began", held.number, within)
+
+    def _result_messages(self, head: worker_pb2.TrainHeader, outcome: TrainOutcome) -> Iterator[worker_pb2.TrainResponse]:
+        result_manifest, result_payload = codec.encode(outcome.state, self._model_name)
+        log.info(
+            "train round=%d run=%s examples=%d loss=%.4f seconds=%.3f",
+            head.round, head.run_id or "-", outcome.num_examples, outcome.mean_loss, outcome.seconds,
+        )
+        result = worker_pb2.TrainResult(
+            round=head.round, worker=self._name, num_examples=outcome.num_examples,
+            mean_loss=outcome.mean_loss, train_seconds=outcome.seconds,
+            device=self._device_label, manifest=wire.manifest_to_proto(result_manifest),
+        )
+        return wire.weight_messages(
+            worker_pb2.TrainResponse(result=result), result_payload, self._chunk_bytes,
+            lambda chunk: worker_pb2.TrainResponse(chunk=chunk), self._telemetry.on_bytes_sent("Train"),
+        )
 
     async def Evaluate(
         self, request_iterator: AsyncIterator[evaluation_pb2.EvaluateRequest], context: grpc.aio.ServicerContext
@@ -111,6 +207,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         train_round(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
         self._scorer.warm_up()
 
-    def _train(self, state: codec.StateDict, config: TrainConfig, seed: int) -> TrainOutcome:
+    def _train(self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round) -> TrainOutcome:
+        """The torch thread's part; says how soon a round told to stop did."""
         self._model.load_state_dict(state)
-        return train_round(self._model, self._data, config, seed)
+        try:
+            return train_round(self._model, self._data, config, seed, held.stop)
+        except TrainingStopped:
+            assert held.abandoned_at is not None
+            log.info("train round=%d run=%s stopped %.3fs after it was abandoned", held.number, held.run_id or "-",
+                     time.monotonic() - held.abandoned_at)
+            raise
+
+
+async def _header_within(messages: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
+    """`messages`, whose first must arrive within `seconds` (StreamStalled otherwise)."""
+    iterator = messages.__aiter__()
+    try:
+        first = await asyncio.wait_for(iterator.__anext__(), seconds)
+    except StopAsyncIteration:
+        return
+    except asyncio.TimeoutError:
+        raise StreamStalled(f"header: no complete header within {seconds:.0f}s of the call's start") from None
+    yield first
+    async for message in iterator:
+        yield message
