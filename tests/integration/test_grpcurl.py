@@ -43,9 +43,10 @@ def test_describe_worker_shows_its_rpcs(grpcurl: str, fleet: Fleet) -> None:
 
 def test_describe_train_header_shows_its_fields(grpcurl: str, fleet: Fleet) -> None:
     text = call(grpcurl, fleet.workers["alice"].address, "describe", "jetfed.v1.TrainHeader")
-    assert "uint32 round = 1;" in text
+    assert "uint64 round = 1;" in text
     assert ".jetfed.v1.TrainConfig config = 2;" in text
     assert ".jetfed.v1.WeightManifest manifest = 3;" in text
+    assert "string run_id = 4;" in text
 
 
 @pytest.mark.parametrize("service", ["", "jetfed.v1.Worker"])
