@@ -20,8 +20,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.clients import Weights, WorkerClient
+from coordinator.clients import Metadata, Weights, WorkerClient
 from jetfed import codec, wire
+from jetfed.auth import bearer_metadata
 from jetfed.config import TrainConfig
 from jetfed.models import build_model
 from jetfed.serving import CHANNEL_OPTIONS
@@ -33,6 +34,7 @@ Code = grpc.StatusCode
 EXAMPLES = 3000  # the worker's partition: every label of a 3000-image training set
 LIMIT = 500_000  # the worker's --max-examples-per-round
 GRACE = 1.0
+TOKEN = "wedge-test-token-0123456789"
 TEARDOWN_S = 6.0
 SMALL = TrainConfig(batch_size=16, max_batches=2)
 # Valid and within LIMIT, yet hours of work: 100 epochs of batch size 1 over the
@@ -49,10 +51,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_mnist(tmp_path_factory.mktemp("wedge-mnist"), train=EXAMPLES, test=10)
 
 
-def start_worker(data_dir: Path, logs: Path, name: str) -> Process:
+def start_worker(data_dir: Path, logs: Path, name: str, *extra: str) -> Process:
     process = start(name, [
         "worker", "--name", name, "--labels", "all", "--data-dir", str(data_dir), "--no-download",
-        "--threads", "1", "--grace", str(GRACE), "--max-examples-per-round", str(LIMIT),
+        "--threads", "1", "--grace", str(GRACE), "--max-examples-per-round", str(LIMIT), *extra,
     ], logs)
     wait_serving(process, time.monotonic() + START_TIMEOUT_S)
     return process
@@ -84,9 +86,10 @@ def train_messages(config: TrainConfig, round_number: int = 1, run_id: str = "")
     ))
 
 
-def client(process: Process, run_id: str = "") -> WorkerClient:
+def client(process: Process, run_id: str = "", metadata: Metadata = ()) -> WorkerClient:
     spec = codec.spec_of(build_model("mnist-cnn").state_dict())
-    return WorkerClient(process.name, process.address, "mnist-cnn", spec, 64 << 10, 8 << 20, run_id=run_id)
+    return WorkerClient(process.name, process.address, "mnist-cnn", spec, 64 << 10, 8 << 20, metadata=metadata,
+                        run_id=run_id)
 
 
 async def serving_status(channel: grpc.aio.Channel) -> int:
@@ -96,6 +99,7 @@ async def serving_status(channel: grpc.aio.Channel) -> int:
 
 async def start_training(
     stub: worker_pb2_grpc.WorkerStub, config: TrainConfig, timeout: Optional[float] = None, settle: float = 1.5,
+    metadata: Metadata = (),
 ):
     """A Train call whose whole stream has been sent, then `settle` seconds to train."""
     sent = asyncio.Event()
@@ -105,17 +109,17 @@ async def start_training(
             yield message
         sent.set()
 
-    call = stub.Train(stream(), timeout=timeout)
+    call = stub.Train(stream(), timeout=timeout, metadata=metadata)
     await asyncio.wait_for(sent.wait(), 30)
     await asyncio.sleep(settle)
     assert not call.done(), f"the call ended early: {await call.code()} {await call.details()}"
     return call
 
 
-async def seconds_until_trained(process: Process, limit: float) -> float:
+async def seconds_until_trained(process: Process, limit: float, metadata: Metadata = ()) -> float:
     """Retry a small round until the worker takes it; how long that took."""
     started = time.monotonic()
-    worker = client(process)
+    worker = client(process, metadata=metadata)
     try:
         while time.monotonic() - started < limit:
             try:
@@ -215,11 +219,13 @@ def test_an_idle_stream_holds_no_lock_and_is_dropped(worker: Process) -> None:
     run(scenario)
 
 
-def test_a_busy_worker_answers_aborted_to_the_coordinator(worker: Process) -> None:
+def busy_answers_aborted(worker: Process, metadata: Metadata = ()) -> None:
+    """The real coordinator client, still writing its model when the busy worker
+    refuses it, hears ABORTED (not INTERNAL: grpc/grpc#36066), every time."""
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(worker.address, options=CHANNEL_OPTIONS) as channel:
-            call = await start_training(worker_pb2_grpc.WorkerStub(channel), ENORMOUS)
-            coordinator = client(worker)
+            call = await start_training(worker_pb2_grpc.WorkerStub(channel), ENORMOUS, metadata=metadata)
+            coordinator = client(worker, metadata=metadata)
             try:
                 for _ in range(3):
                     with pytest.raises(grpc.aio.AioRpcError) as busy:
@@ -229,8 +235,24 @@ def test_a_busy_worker_answers_aborted_to_the_coordinator(worker: Process) -> No
             finally:
                 call.cancel()
                 await coordinator.close()
-            await seconds_until_trained(worker, 10)
+            await seconds_until_trained(worker, 10, metadata)
     run(scenario)
+
+
+def test_a_busy_worker_answers_aborted_to_the_coordinator(worker: Process) -> None:
+    busy_answers_aborted(worker)
+
+
+def test_a_busy_guarded_worker_answers_aborted_to_the_coordinator(data_dir: Path, tmp_path: Path) -> None:
+    """With a token the coordinator writes once admitted, before the header is judged."""
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    process = start_worker(data_dir, tmp_path, "carol", "--token-file", str(token))
+    try:
+        busy_answers_aborted(process, bearer_metadata(TOKEN))
+    finally:
+        codes = stop([process])
+    assert codes[process.name] == 0, process.output()
 
 
 def varint(value: int) -> bytes:
