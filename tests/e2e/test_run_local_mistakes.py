@@ -22,7 +22,10 @@ SERVICES = 5  # alice, bob, charlie, testing and the coordinator's status servic
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                "t10k-labels-idx1-ubyte.gz")
 # The install rule reinstalls whenever requirements change; a test must not trigger it.
-MAKE = ["make", "-s", "-C", str(ROOT), "-o", ".venv/.jetfed-installed", "-o", "jetfed/v1/.generated", "run-local"]
+# make as a user types it, but with this interpreter and no bootstrap (the tests run
+# inside a bootstrapped environment, whichever venv it is).
+MAKE = ["make", "-s", "-C", str(ROOT), "-o", ".venv/.jetfed-installed", "-o", "jetfed/v1/.generated", "run-local",
+        f"PY={sys.executable}"]
 
 
 def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
