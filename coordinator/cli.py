@@ -183,7 +183,7 @@ def summary_lines(summary: RunSummary, settings: RunSettings) -> List[str]:
     lines = [
         f"Run finished: {summary.rounds} rounds in {rounds:.1f}s "
         f"(training {summary.train_seconds:.1f}s = {summary.train_seconds / max(summary.rounds, 1):.3f}s/round, "
-        f"evaluation {summary.eval_seconds:.1f}s) ; the fleet was ready in {summary.connect_seconds:.2f}s",
+        f"evaluation {summary.eval_seconds:.1f}s); the fleet was ready in {summary.connect_seconds:.2f}s",
         f"Model: {summary.model_path}; metrics: {settings.out_dir / 'metrics.jsonl'}",
     ]
     if summary.never_contributed:
