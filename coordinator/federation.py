@@ -146,7 +146,7 @@ class Federation:
             self.say(warning)
             log.warning("%s", warning)
         else:
-            self.say(f"Fleet ready after {time.perf_counter() - started:.1f}s: {answered} of {len(self.workers)} "
+            self.say(f"Fleet ready after {time.perf_counter() - started:.2f}s: {answered} of {len(self.workers)} "
                       f"workers{' and the evaluator' if self.evaluator and self._evaluator_ready else ''}")
 
     async def _await_workers(

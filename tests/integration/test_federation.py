@@ -90,7 +90,7 @@ def test_printed_lines_follow_the_reference_layout(federation: tuple) -> None:
     _, lines, _ = federation
     expected = [
         r"Waiting up to 30s for 3 workers: alice at [\d.:]+, bob at [\d.:]+, charlie at [\d.:]+; evaluator at [\d.:]+",
-        r"Fleet ready after \d+\.\ds: 3 of 3 workers and the evaluator",
+        r"Fleet ready after \d+\.\d\ds: 3 of 3 workers and the evaluator",
     ]
     expected += [pattern for number in range(1, ROUNDS + 1) for pattern in round_layout(number)]
     assert len(lines) == len(expected), lines
