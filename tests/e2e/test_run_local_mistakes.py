@@ -34,8 +34,13 @@ def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=ROOT)
 
 
+# A shell's environment: under `make test` the outer make's MAKEFLAGS (its command-line
+# variables) and MAKELEVEL would reach the inner make and change what it prints.
+SHELL_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
+
 def make(timeout: float = 120, **variables: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MAKE, *[f"{k}={v}" for k, v in variables.items()]], stdout=subprocess.PIPE,
+    return subprocess.run([*MAKE, *[f"{k}={v}" for k, v in variables.items()]], env=SHELL_ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.e2e.test_run_local import LAUNCHER, free_port_block, nothing_listens
-from tests.e2e.test_run_local_mistakes import MAKE
+from tests.e2e.test_run_local_mistakes import MAKE, SHELL_ENV
 
 ROUNDS, SEED = 6, 7
 
@@ -25,7 +25,7 @@ def interrupt_after(command: List[str], line_prefix: str, timeout: float = 180) 
     """Run `command` in its own process group and send it SIGINT, as Ctrl-C in a terminal
     does, once a line starts with `line_prefix`; returns every line it printed."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=SHELL_ENV)
     lines, deadline = [], time.monotonic() + timeout
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
@@ -59,7 +59,8 @@ def test_interrupted_run_resumed_by_its_printed_command_equals_an_uninterrupted_
                               f"BASE_PORT={base}"), output
     assert not (out / "model.safetensors").exists()
 
-    resumed = subprocess.run([*MAKE, *shlex.split(command)[2:]], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*MAKE, *shlex.split(command)[2:]], capture_output=True, text=True, timeout=300,
+                             env=SHELL_ENV)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resuming after round" in resumed.stdout
 
