@@ -35,7 +35,9 @@ EXAMPLES = 3000  # the worker's partition: every label of a 3000-image training 
 LIMIT = 500_000  # the worker's --max-examples-per-round
 GRACE = 1.0
 TOKEN = "wedge-test-token-0123456789"
-TEARDOWN_S = 6.0
+# What a stop may take past --grace: the round's last batch, flushing logs, os._exit;
+# milliseconds on a quiet machine, generous for a loaded CI runner.
+STOP_MARGIN_S = 1.5
 SMALL = TrainConfig(batch_size=16, max_batches=2)
 # Valid and within LIMIT, yet hours of work: 100 epochs of batch size 1 over the
 # whole partition (max_batches 0), about 6 ms a batch on one core.
@@ -328,7 +330,7 @@ def test_sigterm_exits_within_grace_while_training(data_dir: Path, tmp_path: Pat
               f"call cut -> loop stopped: {last_stop_seconds(process):.3f}s")
         assert code == 0, process.output()
         assert last_stop_seconds(process) < 1.0
-        # The round gets its grace; then only the interpreter's own teardown (about a
-        # second for an idle worker on a quiet machine, several on a loaded one).
-        assert exited < GRACE + TEARDOWN_S, process.output()
+        # The round gets its grace, then the process ends without the interpreter's
+        # teardown (1-2 s of torch and gRPC finalization before it was skipped).
+        assert exited < GRACE + STOP_MARGIN_S, process.output()
     run(scenario)
