@@ -86,6 +86,15 @@ def save(
     return model_path
 
 
+def saved_round(folder: Path) -> Optional[int]:
+    """The round the checkpoint in `folder` holds, read from its state file alone (no
+    model loaded, nothing verified); None when there is none or it cannot be read."""
+    try:
+        return int(json.loads((folder / STATE_FILE).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(folder: Path) -> Optional[Checkpoint]:
     """The last completed round, or None when no checkpoint was ever written."""
     state_path = folder / STATE_FILE

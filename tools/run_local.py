@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import json
 import os
 import shlex
 import shutil
@@ -30,7 +29,7 @@ from typing import List, Optional, Tuple
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.checkpoint import STATE_FILE
+from coordinator.checkpoint import saved_round
 from jetfed.errors import JetfedError
 from jetfed.signals import cancel_on_signals
 from jetfed.tls import channel_credentials
@@ -232,14 +231,6 @@ async def run_interruptible(plan: Plan) -> int:
         return 130
 
 
-def checkpoint_round(out: Path) -> Optional[int]:
-    """The last round the run folder's checkpoint holds, None when no round finished."""
-    try:
-        return int(json.loads((out / "checkpoint" / STATE_FILE).read_text())["round"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def resume_command(plan: Plan, argv: List[str]) -> str:
     """What the user types to continue this run: the make form under make (the variables
     they gave, OUT replaced by RESUME), else this launcher's argv with --resume."""
@@ -270,7 +261,7 @@ def shown(path: str) -> str:
 def settle(plan: Plan, code: int, argv: List[str], made: bool) -> None:
     """After the run: a folder where no round finished goes (its reason is on the
     terminal already); one with a checkpoint stays, and an unfinished one says how to resume."""
-    done = checkpoint_round(plan.out)
+    done = saved_round(plan.out / "checkpoint")
     if code == 0:
         return
     if done is None and plan.args.resume is None:

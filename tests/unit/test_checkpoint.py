@@ -38,3 +38,11 @@ def test_the_model_file_has_the_mode_of_the_other_outputs(tmp_path: Path) -> Non
     assert modes == {"model.safetensors": 0o644, "metrics.jsonl": 0o644}
     loaded = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(loaded["w"], state()["w"])
+
+
+def test_saved_round_reads_the_state_file_alone(tmp_path: Path) -> None:
+    assert checkpoint.saved_round(tmp_path) is None
+    checkpoint.save(tmp_path, 7, state(), "mnist-cnn", {"seed": 1}, {"round": 7})
+    assert checkpoint.saved_round(tmp_path) == 7
+    (tmp_path / checkpoint.STATE_FILE).write_text("{torn")
+    assert checkpoint.saved_round(tmp_path) is None
