@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 from jetfed import devices
-from jetfed.data import format_counts, load_mnist, resolve_data_dir
+from jetfed.partitions import Partition
 from jetfed.service_cli import (
     host_until_signal, max_payload_bytes, run_service, server_security, service_parser, start_telemetry, stream_limit,
+    task_from_args,
 )
 from jetfed.scoring import Scorer
-from jetfed.training import DeviceData
 from jetfed.v1 import evaluator_pb2, evaluator_pb2_grpc
 from evaluator.service import EvaluatorService
 
@@ -32,22 +32,20 @@ async def serve(args: argparse.Namespace) -> None:
     descriptor = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"]
     security = server_security(args, descriptor, f"evaluator {args.name} on {args.host}:{args.port}")
     admission = stream_limit(args, descriptor, ["Evaluate"], f"evaluator {args.name}")
-    payload_limit = max_payload_bytes(args)
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
-    data = load_mnist(resolve_data_dir(args.data_dir), "test", download=not args.no_download)
-    counts = data.label_counts()
-    print(f"MNIST test set on {args.name}: {format_counts(counts)}", flush=True)
+    task = task_from_args(args, device)
+    payload_limit = max_payload_bytes(args, task)
+    data = task.load("test", Partition())
+    print(task.describe("test", data, args.name), flush=True)
     label = devices.describe(device)
-    log.info("evaluator=%s device=%s model=%s max_payload_bytes=%d", args.name, label, args.model, payload_limit)
+    log.info("evaluator=%s device=%s task=%s model=%s max_payload_bytes=%d", args.name, label, task.name,
+             task.model_name, payload_limit)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     telemetry = start_telemetry(args)
-    scorer = Scorer(
-        args.model, DeviceData.from_images(data, device), label, executor, payload_limit,
-        args.batch_size, args.receive_timeout, telemetry,
-    )
+    scorer = Scorer(task, data, label, executor, payload_limit, args.batch_size, args.receive_timeout, telemetry)
     scorer.warm_up()
-    service = EvaluatorService(args.name, scorer, counts, label)
+    service = EvaluatorService(args.name, scorer)
     await host_until_signal(
         args, descriptor, lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(service, server),
         security, executor, telemetry, admission,

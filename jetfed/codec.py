@@ -79,6 +79,13 @@ def spec_of(state: Mapping[str, torch.Tensor]) -> Tuple[TensorInfo, ...]:
     )
 
 
+def spec_digest(spec: Tuple[TensorInfo, ...]) -> str:
+    """SHA-256 of a spec: equal digests, weights that load into each other's model. It
+    travels in GetInfo so a fleet's architectures are compared before any weights."""
+    text = "\n".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in spec)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def encode(state: Mapping[str, torch.Tensor], model: str) -> Tuple[Manifest, bytes]:
     """Serialize a state_dict; tensors are moved to the CPU and made contiguous."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}

@@ -22,6 +22,11 @@ class UnknownModel(InvalidConfig):
     """A model name that the registry does not hold."""
 
 
+class UnknownTask(InvalidConfig):
+    """A task that is neither installed (entry point `jetfed.tasks`) nor importable as
+    `package.module:attr`, or that is not a Task."""
+
+
 class BadStream(JetfedError):
     """A message stream that breaks the protocol (no header, chunk out of order...)."""
 

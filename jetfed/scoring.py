@@ -10,11 +10,11 @@ from typing import Any, AsyncIterator, Optional
 
 from jetfed import codec, wire
 from jetfed.errors import InvalidConfig
-from jetfed.models import NUM_CLASSES, build_model
+from jetfed.info import service_info
 from jetfed.status import echo
+from jetfed.tasks.base import Evaluation, Examples, Task
 from jetfed.telemetry import Telemetry
-from jetfed.training import DeviceData, Evaluation, evaluate
-from jetfed.v1 import evaluation_pb2
+from jetfed.v1 import evaluation_pb2, info_pb2
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,14 @@ class Scorer:
     model can hold only one set of weights at a time."""
 
     def __init__(
-        self, model_name: str, data: DeviceData, device_label: str, executor: Executor,
+        self, task: Task, data: Examples, device_label: str, executor: Executor,
         max_payload_bytes: int, batch_size: int = 500, receive_timeout: float = 120.0,
         telemetry: Optional[Telemetry] = None,
     ) -> None:
-        self.model_name = model_name
-        self._model = build_model(model_name).to(data.labels.device)
-        self._spec = codec.spec_of(self._model.state_dict())
+        self.task = task
+        self.model_name = task.model_name
+        self._model = task.build_model().to(data.device)
+        self.spec = codec.spec_of(self._model.state_dict())
         self._data = data
         self._device_label = device_label
         self._executor = executor
@@ -63,14 +64,24 @@ class Scorer:
             correct=result.correct, total=result.total, loss=result.loss,
             predicted_counts=result.predicted_counts, confusion=result.confusion,
             num_classes=result.num_classes, seconds=result.seconds, device=self._device_label,
+            metrics=result.metrics,
+        )
+
+    def info(self, name: str, role: str) -> info_pb2.GetInfoResponse:
+        """GetInfo for a service scoring this task on these examples."""
+        classes = self.task.classes
+        return service_info(
+            name, role, self._device_label, task=self.task.name, model=self.model_name, classes=classes,
+            model_digest=codec.spec_digest(self.spec), dataset_size=len(self._data),
+            label_counts=self._data.label_counts(len(classes)) if classes else [],
         )
 
     def _check_header(self, head: evaluation_pb2.EvaluateHeader, manifest: codec.Manifest) -> None:
-        codec.check_manifest(manifest, self.model_name, self._spec)
+        codec.check_manifest(manifest, self.model_name, self.spec)
 
     def warm_up(self) -> None:
-        evaluate(self._model, self._data, self._batch_size, NUM_CLASSES, limit=self._batch_size)
+        self.task.evaluate(self._model, self._data, self._batch_size, limit=self._batch_size)
 
     def _run(self, state: codec.StateDict, batch_size: int) -> Evaluation:
         self._model.load_state_dict(state)
-        return evaluate(self._model, self._data, batch_size, NUM_CLASSES)
+        return self.task.evaluate(self._model, self._data, batch_size)

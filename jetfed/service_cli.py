@@ -12,6 +12,7 @@ from concurrent.futures import Executor
 from typing import Awaitable, Callable, List, Optional, Tuple
 
 import grpc
+import torch
 from google.protobuf.descriptor import ServiceDescriptor
 
 from jetfed import codec, logs, readiness, serving, stream, tls
@@ -19,7 +20,10 @@ from jetfed.admission import SETTING as STREAMS_SETTING
 from jetfed.admission import ConcurrencyLimit
 from jetfed.auth import CallerAuthorization, add_token_argument, read_token, service_methods
 from jetfed.errors import InvalidConfig, JetfedError
-from jetfed.models import DEFAULT_MODEL, build_model, model_names
+from jetfed.data import resolve_data_dir
+from jetfed.models import model_names
+from jetfed.tasks import DEFAULT_TASK, Task, TaskSettings, build_task, installed
+from jetfed.tasks.base import parse_option_flags
 from jetfed.telemetry import RpcMetricsInterceptor, Telemetry
 
 
@@ -27,10 +31,8 @@ def service_parser(prog: str, description: str, default_port: int, default_strea
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     parser.add_argument("--port", type=int, default=default_port, help=f"port to bind (default {default_port}); 0 picks a free one")
-    parser.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $JETFED_DATA_DIR, else ./data)")
-    parser.add_argument("--no-download", action="store_true", help="never try torchvision's download")
+    add_task_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=model_names())
     parser.add_argument("--threads", type=int, help="torch CPU threads (give co-located services a fair share)")
     parser.add_argument(
         "--max-payload-bytes", type=int,
@@ -55,6 +57,35 @@ def service_parser(prog: str, description: str, default_port: int, default_strea
     return parser
 
 
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--task, --model, --option and the data flags: what this board runs, on what."""
+    names = ", ".join(installed())
+    parser.add_argument(
+        "--task", default=DEFAULT_TASK,
+        help=f"the task this service runs (default {DEFAULT_TASK}): an installed one ({names}) or a Task class as "
+             "package.module:attr; `jetfed tasks` lists them with their options",
+    )
+    parser.add_argument(
+        "--model", help=f"the task's model (default: the task's own): one of jetfed's ({', '.join(model_names())}) "
+                        "or a torchvision classification model, e.g. resnet50",
+    )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE",
+        help="a task option, repeatable, e.g. --option image_size=64 (`jetfed tasks` lists each task's)",
+    )
+    parser.add_argument("--data-dir", help="the task's data folder (default: $JETFED_DATA_DIR, else ./data)")
+    parser.add_argument("--no-download", action="store_true", help="never download data (mnist: torchvision's)")
+
+
+def task_from_args(args: argparse.Namespace, device: torch.device) -> Task:
+    """The task the flags name, built for `device`, its options checked."""
+    settings = TaskSettings(
+        data_dir=resolve_data_dir(args.data_dir), device=device, model=args.model,
+        options=parse_option_flags(args.option), download=not args.no_download,
+    )
+    return build_task(args.task, settings)
+
+
 def server_security(
     args: argparse.Namespace, service: ServiceDescriptor, what: str,
 ) -> Tuple[Optional[grpc.ServerCredentials], List[grpc.aio.ServerInterceptor]]:
@@ -71,12 +102,12 @@ def server_security(
     return (files.server_credentials() if files else None), [guard]
 
 
-def max_payload_bytes(args: argparse.Namespace) -> int:
+def max_payload_bytes(args: argparse.Namespace, task: Task) -> int:
     """--max-payload-bytes, or by default what the served model needs (stream.payload_limit
     of the largest encoding of its tensors): a limit that follows the model never lets a
     stream buffer hundreds of megabytes for a model of two."""
     if args.max_payload_bytes is None:
-        spec = codec.spec_of(build_model(args.model).state_dict())
+        spec = codec.spec_of(task.build_model().state_dict())
         return stream.payload_limit(codec.payload_size_range(spec)[1])
     if args.max_payload_bytes < 1:
         raise InvalidConfig(f"--max-payload-bytes: {args.max_payload_bytes} must be at least 1")

@@ -1,5 +1,7 @@
-"""One round of local training and one pass of evaluation, written to read like
-pytorch/examples' mnist: the device is chosen once and the data already lives there."""
+"""One round of local training and one pass of evaluation over any task's examples,
+written to read like pytorch/examples' mnist. The loop owns the shuffle (a seeded
+permutation per epoch), so a task whose examples live in memory and one that reads
+them from disk see the same batches in the same order for the same seed."""
 
 from __future__ import annotations
 
@@ -7,56 +9,42 @@ import hashlib
 import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
 from jetfed.data import LabeledImages
 from jetfed.errors import TrainingStopped
+from jetfed.tasks.base import Batch, Evaluation, Examples, TrainOutcome
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-@dataclass(frozen=True)
-class DeviceData:
+class DeviceData(Examples):
     """Normalised inputs (N, 1, 28, 28) and labels, resident on the compute device so a
-    round never pays for host-to-device copies."""
+    round never pays for host-to-device copies: the MNIST task's examples."""
 
-    inputs: torch.Tensor
-    labels: torch.Tensor
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.inputs = inputs
+        self.labels = labels
+        self.device = labels.device
+        self.targets = labels.cpu()
 
     @classmethod
     def from_images(cls, data: LabeledImages, device: torch.device) -> "DeviceData":
         inputs = (data.images.float().div(255.0).sub(MNIST_MEAN).div(MNIST_STD)).unsqueeze(1)
         return cls(inputs.to(device), data.labels.to(device))
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    state: StateDict
-    num_examples: int
-    mean_loss: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    correct: int
-    total: int
-    loss: float
-    predicted_counts: List[int]
-    confusion: List[int]
-    num_classes: int
-    seconds: float
+    def batches(self, indices: Iterable[torch.Tensor]) -> Iterator[Batch]:
+        for index in indices:
+            index = index.to(self.device)
+            yield self.inputs[index], self.labels[index]
 
 
 def derive_seed(seed: int, round_number: int, worker: str) -> int:
@@ -72,7 +60,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
 
 
 def train_round(
-    model: nn.Module, data: DeviceData, config: TrainConfig, seed: int, stop: Optional[threading.Event] = None,
+    model: nn.Module, data: Examples, config: TrainConfig, seed: int, stop: Optional[threading.Event] = None,
+    loss: Loss = F.nll_loss,
 ) -> TrainOutcome:
     """Train `model` in place on shuffled batches; a fresh optimizer every round, as the
     reference did, so no state leaks from one global model to the next.
@@ -88,50 +77,66 @@ def train_round(
     if config.max_batches:
         batches = min(batches, config.max_batches)
     model.train()
-    loss_sum = torch.zeros((), device=data.labels.device)
+    loss_sum = torch.zeros((), device=data.device)
     examples = 0
     for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=order_rng).to(data.labels.device)
-        for b in range(batches):
+        order = torch.randperm(len(data), generator=order_rng)
+        slices = (order[b * config.batch_size:(b + 1) * config.batch_size] for b in range(batches))
+        for inputs, labels in data.batches(slices):
             if stop is not None and stop.is_set():
                 raise TrainingStopped(f"training stopped after {examples} examples: nobody awaits the round")
-            index = order[b * config.batch_size:(b + 1) * config.batch_size]
-            inputs, labels = data.inputs[index], data.labels[index]
             optimizer.zero_grad()
-            loss = F.nll_loss(model(inputs), labels)
-            loss.backward()
+            batch_loss = loss(model(inputs), labels)
+            batch_loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(index)
-            examples += len(index)
+            loss_sum += batch_loss.detach() * len(labels)
+            examples += len(labels)
     mean_loss = float(loss_sum) / max(examples, 1)
     return TrainOutcome(model.state_dict(), examples, mean_loss, time.perf_counter() - started)
 
 
 def evaluate(
-    model: nn.Module, data: DeviceData, batch_size: int, num_classes: int, limit: Optional[int] = None
+    model: nn.Module, data: Examples, batch_size: int, num_classes: int, limit: Optional[int] = None,
+    loss: Loss = F.nll_loss, class_names: Optional[List[str]] = None,
 ) -> Evaluation:
-    """Score the first `limit` examples (all by default)."""
+    """Score the first `limit` examples (all by default): the mean loss, accuracy and
+    each class's recall (named by `class_names`, else by index), with the confusion
+    matrix and predicted counts the reference's console lines are drawn from."""
     started = time.perf_counter()
     total = len(data) if limit is None else min(limit, len(data))
     model.eval()
-    device = data.labels.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
+    slices = (torch.arange(start, min(start + batch_size, total)) for start in range(0, total, batch_size))
     with torch.no_grad():
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
-            inputs, labels = data.inputs[start:stop], data.labels[start:stop]
+        for inputs, labels in data.batches(slices):
             output = model(inputs)
-            loss_sum += F.nll_loss(output, labels, reduction="sum").double()
+            loss_sum += loss(output, labels).double() * len(labels)
             predicted = output.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
     matrix = confusion.view(num_classes, num_classes).cpu()
+    correct = int(matrix.diagonal().sum())
+    mean_loss = float(loss_sum) / max(total, 1)
     return Evaluation(
-        correct=int(matrix.diagonal().sum()),
+        loss=mean_loss,
+        metrics=classification_metrics(matrix, mean_loss, class_names),
+        correct=correct,
         total=total,
-        loss=float(loss_sum) / max(total, 1),
         predicted_counts=[int(c) for c in matrix.sum(dim=0)],
         confusion=[int(c) for c in matrix.flatten()],
         num_classes=num_classes,
         seconds=time.perf_counter() - started,
     )
+
+
+def classification_metrics(matrix: torch.Tensor, loss: float, class_names: Optional[List[str]] = None) -> Dict[str, float]:
+    """loss, accuracy, and recall/<class> for each class the examples hold (a class
+    with no examples has no recall: it is left out rather than reported as 0)."""
+    total = int(matrix.sum())
+    metrics = {"loss": loss, "accuracy": float(matrix.diagonal().sum()) / max(total, 1)}
+    names = class_names or [str(i) for i in range(matrix.shape[0])]
+    for index, name in enumerate(names):
+        held = int(matrix[index].sum())
+        if held:
+            metrics[f"recall/{name}"] = float(matrix[index, index]) / held
+    return metrics

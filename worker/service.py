@@ -13,13 +13,12 @@ import grpc
 from jetfed import codec, wire
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, TrainConfig
 from jetfed.errors import InvalidConfig, StreamStalled, TrainingStopped
-from jetfed.info import service_info
-from jetfed.models import build_model
 from jetfed.scoring import Scorer
 from jetfed.serving import RunningServer
 from jetfed.status import rpc_status
+from jetfed.tasks.base import Examples, Task, TrainOutcome
 from jetfed.telemetry import Telemetry
-from jetfed.training import DeviceData, TrainOutcome, derive_seed, train_round
+from jetfed.training import derive_seed
 from jetfed.v1 import evaluation_pb2, info_pb2, worker_pb2, worker_pb2_grpc
 from worker.rounds import Round, RunLedger, TrainingSlot
 
@@ -50,17 +49,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """
 
     def __init__(
-        self, name: str, model_name: str, data: DeviceData, label_counts: list,
-        device_label: str, executor: Executor, chunk_bytes: int, max_payload_bytes: int,
-        receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
+        self, name: str, task: Task, data: Examples, *, device_label: str, executor: Executor, chunk_bytes: int,
+        max_payload_bytes: int, receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
         max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND,
     ) -> None:
         self._name = name
-        self._model_name = model_name
-        self._model = build_model(model_name).to(data.labels.device)
+        self._task = task
+        self._model_name = task.model_name
+        self._model = task.build_model().to(data.device)
         self._spec = codec.spec_of(self._model.state_dict())
         self._data = data
-        self._label_counts = label_counts
         self._device_label = device_label
         self._executor = executor
         self._chunk_bytes = chunk_bytes
@@ -72,7 +70,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._stopping: Optional[asyncio.Task] = None  # held, so the loop does not collect it
         self._health: Optional[RunningServer] = None
         self._telemetry = telemetry or Telemetry()
-        self._scorer = Scorer(model_name, data, device_label, executor, max_payload_bytes,
+        self._scorer = Scorer(task, data, device_label, executor, max_payload_bytes,
                               receive_timeout=receive_timeout, telemetry=self._telemetry)
 
     def report_health_through(self, running: RunningServer) -> None:
@@ -80,7 +78,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._health = running
 
     async def GetInfo(self, request: info_pb2.GetInfoRequest, context: grpc.aio.ServicerContext) -> info_pb2.GetInfoResponse:
-        return service_info(self._name, "worker", self._device_label, self._model_name, self._label_counts)
+        return self._scorer.info(self._name, "worker")
 
     async def Train(
         self, request_iterator: AsyncIterator[worker_pb2.TrainRequest], context: grpc.aio.ServicerContext
@@ -204,14 +202,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def warm_up(self) -> None:
         """Pay torch's first-call costs (kernel selection, allocator growth) at start-up,
         not in round 1; the weights are overwritten by the first Train anyway."""
-        train_round(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
+        self._task.train(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
         self._scorer.warm_up()
 
     def _train(self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round) -> TrainOutcome:
         """The torch thread's part; says how soon a round told to stop did."""
         self._model.load_state_dict(state)
         try:
-            return train_round(self._model, self._data, config, seed, held.stop)
+            return self._task.train(self._model, self._data, config, seed, held.stop)
         except TrainingStopped:
             assert held.abandoned_at is not None
             log.info("train round=%d run=%s stopped %.3fs after it was abandoned", held.number, held.run_id or "-",

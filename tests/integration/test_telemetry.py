@@ -27,7 +27,7 @@ from jetfed.models import build_model
 from jetfed.telemetry import RpcMetricsInterceptor, RunTelemetry, Telemetry
 from jetfed.training import DeviceData
 from jetfed.v1 import worker_pb2, worker_pb2_grpc
-from tests.integration.services import evaluator_server
+from tests.integration.services import evaluator_server, mnist_task
 from worker.service import WorkerService
 
 ECHO = "jetfed.test.Echo"
@@ -213,9 +213,9 @@ async def measured_run(images: LabeledImages, out_dir: Path) -> Tuple[Samples, S
     the coordinator's run; the scrapes of the worker's and the coordinator's metrics."""
     worker_telemetry, coordinator_telemetry = Telemetry(), RunTelemetry()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-    service = WorkerService("alice", "mnist-cnn", DeviceData.from_images(images, torch.device("cpu")),
-                            images.label_counts(), "cpu", executor, stream.DEFAULT_CHUNK_BYTES,
-                            stream.DEFAULT_MAX_PAYLOAD_BYTES, telemetry=worker_telemetry)
+    service = WorkerService("alice", mnist_task(), DeviceData.from_images(images, torch.device("cpu")),
+                            device_label="cpu", executor=executor, chunk_bytes=stream.DEFAULT_CHUNK_BYTES,
+                            max_payload_bytes=stream.DEFAULT_MAX_PAYLOAD_BYTES, telemetry=worker_telemetry)
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
     worker = await serving.start_server(
         [serving.Service(name, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server))],
