@@ -9,7 +9,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from jetfed.config import TrainConfig
 from jetfed.data import LabeledImages
 from jetfed.errors import TrainingStopped
-from jetfed.tasks.base import Batch, Evaluation, Examples, TrainOutcome
+from jetfed.tasks.base import Evaluation, Examples, TensorExamples, TrainOutcome
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,25 +26,14 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-class DeviceData(Examples):
-    """Normalised inputs (N, 1, 28, 28) and labels, resident on the compute device so a
-    round never pays for host-to-device copies: the MNIST task's examples."""
-
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        self.inputs = inputs
-        self.labels = labels
-        self.device = labels.device
-        self.targets = labels.cpu()
+class DeviceData(TensorExamples):
+    """Normalised MNIST inputs (N, 1, 28, 28) and labels, resident on the compute device
+    so a round never pays for host-to-device copies: the mnist task's examples."""
 
     @classmethod
     def from_images(cls, data: LabeledImages, device: torch.device) -> "DeviceData":
         inputs = (data.images.float().div(255.0).sub(MNIST_MEAN).div(MNIST_STD)).unsqueeze(1)
-        return cls(inputs.to(device), data.labels.to(device))
-
-    def batches(self, indices: Iterable[torch.Tensor]) -> Iterator[Batch]:
-        for index in indices:
-            index = index.to(self.device)
-            yield self.inputs[index], self.labels[index]
+        return cls(inputs, data.labels, device)
 
 
 def derive_seed(seed: int, round_number: int, worker: str) -> int:

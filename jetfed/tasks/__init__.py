@@ -7,7 +7,7 @@ from typing import Any
 
 _NAMES = {
     "Evaluation": "jetfed.tasks.base", "Examples": "jetfed.tasks.base", "Option": "jetfed.tasks.base",
-    "Task": "jetfed.tasks.base", "TaskSettings": "jetfed.tasks.base", "TrainOutcome": "jetfed.tasks.base",
+    "Task": "jetfed.tasks.base", "TensorExamples": "jetfed.tasks.base", "TaskSettings": "jetfed.tasks.base", "TrainOutcome": "jetfed.tasks.base",
     "DEFAULT_TASK": "jetfed.tasks.registry", "build_task": "jetfed.tasks.registry",
     "installed": "jetfed.tasks.registry", "task_class": "jetfed.tasks.registry",
 }

@@ -59,6 +59,25 @@ class Examples(ABC):
         return [int(c) for c in torch.bincount(self.targets, minlength=num_classes)]
 
 
+class TensorExamples(Examples):
+    """Examples held as two tensors on the compute device (inputs, int64 targets): the
+    simplest kind, for data sets that fit in memory; a round then never waits for a disk
+    or a host-to-device copy."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> None:
+        if inputs.shape[0] != targets.shape[0]:
+            raise InvalidConfig(f"examples: {inputs.shape[0]} inputs but {targets.shape[0]} targets")
+        self.inputs = inputs.to(device)
+        self.labels = targets.to(device)
+        self.targets = targets.cpu()
+        self.device = device
+
+    def batches(self, indices: Iterable[torch.Tensor]) -> Iterator[Batch]:
+        for index in indices:
+            index = index.to(self.device)
+            yield self.inputs[index], self.labels[index]
+
+
 @dataclass(frozen=True)
 class TaskSettings:
     """What a service's flags tell its task."""

@@ -141,7 +141,7 @@ def test_a_long_run_id_is_refused():
 
 def test_training_stops_at_the_next_batch_once_told():
     torch.manual_seed(0)
-    data = DeviceData(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    data = DeviceData(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), torch.device("cpu"))
     stop = threading.Event()
     stop.set()
     with pytest.raises(TrainingStopped, match="after 0 examples"):
