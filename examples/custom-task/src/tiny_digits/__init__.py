@@ -1,0 +1,1 @@
+"""An example jetfed task package (see task.py)."""
