@@ -59,6 +59,15 @@ def service_parser(prog: str, description: str, default_port: int, default_strea
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--task, --model, --option and the data flags: what this board runs, on what."""
+    add_task_choice_arguments(parser)
+    parser.add_argument("--data-dir", help="the task's data folder (default: $JETFED_DATA_DIR, else ./data)")
+    parser.add_argument("--no-download", action="store_true", help="never download data (mnist: torchvision's)")
+
+
+def add_task_choice_arguments(parser: argparse.ArgumentParser, model_default: str = "the task's own") -> None:
+    """--task, --model and --option alone: which task and model, for a command that
+    builds the model without serving data (`jetfed export`, whose default model is the
+    one its weights file names)."""
     names = ", ".join(installed())
     parser.add_argument(
         "--task", default=DEFAULT_TASK,
@@ -66,15 +75,13 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
              "package.module:attr; `jetfed tasks` lists them with their options",
     )
     parser.add_argument(
-        "--model", help=f"the task's model (default: the task's own): one of jetfed's ({', '.join(model_names())}) "
+        "--model", help=f"the task's model (default: {model_default}): one of jetfed's ({', '.join(model_names())}) "
                         "or a torchvision classification model, e.g. resnet50",
     )
     parser.add_argument(
         "--option", action="append", default=[], metavar="NAME=VALUE",
         help="a task option, repeatable, e.g. --option image_size=64 (`jetfed tasks` lists each task's)",
     )
-    parser.add_argument("--data-dir", help="the task's data folder (default: $JETFED_DATA_DIR, else ./data)")
-    parser.add_argument("--no-download", action="store_true", help="never download data (mnist: torchvision's)")
 
 
 def task_from_args(args: argparse.Namespace, device: torch.device) -> Task:

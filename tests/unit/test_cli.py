@@ -13,7 +13,7 @@ import pytest
 
 from jetfed.cli import missing_message, shorten
 
-COMMANDS = ("certs", "coordinator", "evaluator", "report", "tasks", "worker")
+COMMANDS = ("certs", "coordinator", "evaluator", "export", "report", "tasks", "worker")
 
 
 def jetfed(*args: str) -> subprocess.CompletedProcess:
