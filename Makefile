@@ -62,6 +62,8 @@ run-local: install
 bench: install
 	$(PY) bench/inprocess.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(PY) bench/seed_sweep.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
+	$(PY) bench/image_folder.py accuracy --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
+	$(PY) bench/image_folder.py memory --data-dir $(DATA)
 
 clean:
 	rm -rf jetfed/v1 build *.egg-info .pytest_cache

@@ -43,16 +43,35 @@ def folders(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def descendants(pid: int) -> List[int]:
+    """Every process below `pid` (Linux): a loader's fork server and the processes it forks."""
+    found, queue = [], [pid]
+    while queue:
+        for children in Path(f"/proc/{queue.pop()}/task").glob("*/children"):
+            try:
+                pids = [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+            found += pids
+            queue += pids
+    return found
+
+
 @pytest.fixture(scope="module")
 def image_fleet(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """Each worker gets only its own folder (no --labels): the folders are the partition."""
+    """Each worker gets only its own folder (no --labels): the folders are the partition.
+    charlie decodes in a loader process, so the federation runs both ways, and its
+    loader processes must end with it."""
     logs = tmp_path_factory.mktemp("image-fleet-logs")
     common = [*TASK, "--no-download", "--threads", "1"]
     started: List[Process] = []
+    below: List[int] = []
     try:
         workers: Dict[str, Process] = {}
         for name in WORKERS:
-            workers[name] = start(name, ["worker", "--name", name, "--data-dir", str(folders / name), *common], logs)
+            loader = ["--option", "loader_workers=1"] if name == "charlie" else []
+            workers[name] = start(name, ["worker", "--name", name, "--data-dir", str(folders / name), *common,
+                                         *loader], logs)
             started.append(workers[name])
         evaluator = start("testing", ["evaluator", "--name", "testing", "--data-dir", str(folders / "evaluator"),
                                       *common], logs)
@@ -60,11 +79,18 @@ def image_fleet(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         deadline = time.monotonic() + START_TIMEOUT_S
         for process in started:
             wait_serving(process, deadline)
+        below = descendants(workers["charlie"].popen.pid)
         yield Fleet(workers, evaluator)
     finally:
         codes = stop(started)
     unclean = [f"{p.name} exited {codes[p.name]}:\n{p.output()}" for p in started if codes[p.name] != 0]
     assert not unclean, "unclean shutdown: " + "\n".join(unclean)
+    assert len(below) >= 2, below  # the fork server and the loader process, at least
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in below if Path(f"/proc/{pid}").exists()]
+    assert not left, f"charlie's loader processes outlived it: {left}"
 
 
 def test_a_federation_over_png_folders_learns(image_fleet: Fleet, tmp_path: Path) -> None:
