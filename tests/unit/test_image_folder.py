@@ -187,6 +187,9 @@ def test_a_partition_keeps_its_share_in_order(boards: Path) -> None:
     expected = [p for p, t in zip(everything.images.paths, everything.targets.tolist()) if t in (1, 2)]
     assert kept.images.paths == expected and len(expected) > 0
     assert set(kept.targets.tolist()) == {1, 2}
+    halves = [evaluator.load("test", Partition(shard=(i, 2), seed=5)).images.paths for i in (1, 2)]
+    assert sorted(halves[0] + halves[1]) == sorted(everything.images.paths)
+    assert not set(halves[0]) & set(halves[1]) and abs(len(halves[0]) - len(halves[1])) <= 1
 
 
 def test_resized_and_converted_to_the_settings(tmp_path: Path) -> None:
