@@ -224,3 +224,17 @@ def test_an_export_that_disagrees_with_torch_is_refused_and_not_kept(
     assert "refused: the onnx model differs from torch by" in err[0] and f"{out} is left as it was" in err[0], err
     assert out.read_bytes() == b"an earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_without_test_examples_the_check_runs_random_inputs(runs: Tuple[Path, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    finished, _ = runs
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    out = tmp_path / "model.pt"
+    code, text, err = export_here(capsys, str(finished), "--format", "torchscript", "--out", str(out),
+                                  "--data-dir", str(empty), "--check-examples", "70")
+    assert code == 0, err
+    assert f"checked against torch on 70 random inputs (no mnist test examples in {empty}; --data-dir names them)" \
+        in text, text
+    assert out.is_file()
