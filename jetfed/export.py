@@ -52,6 +52,7 @@ OUTPUT_NAME = "log_probs"
 BATCH_AXIS = "batch"
 # TensorRT 8.5 (JetPack 5.1) parses ONNX up to opset 17; JetPack 6's TensorRT reads later ones too.
 DEFAULT_OPSET = 17
+MIN_OPSET = 7
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_CHECK_EXAMPLES = 256
 CHECK_BATCH = 64
@@ -141,7 +142,10 @@ def export(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise InvalidConfig(f"--out {args.out}: folder {args.out.parent} does not exist")
     if args.out.is_dir():
-        raise InvalidConfig(f"--out {args.out} is a folder; name the file to write, e.g. {args.out / 'model.' + args.format}")
+        suffix = "onnx" if args.format == "onnx" else "pt"
+        raise InvalidConfig(f"--out {args.out} is a folder; name the file to write, e.g. {args.out / ('model.' + suffix)}")
+    if args.format == "onnx" and not MIN_OPSET <= args.opset:
+        raise InvalidConfig(f"--opset {args.opset}: torch exports opset {MIN_OPSET} or later (TensorRT 8.5 reads up to 17)")
     if args.format == "onnx":
         # Before any work: a missing package is named (with its extra) by `jetfed`.
         import onnx  # noqa: F401
