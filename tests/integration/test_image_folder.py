@@ -86,7 +86,9 @@ def image_fleet(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     unclean = [f"{p.name} exited {codes[p.name]}:\n{p.output()}" for p in started if codes[p.name] != 0]
     assert not unclean, "unclean shutdown: " + "\n".join(unclean)
     assert len(below) >= 2, below  # the fork server and the loader process, at least
-    deadline = time.monotonic() + 10
+    # Loader processes go within a second; the fork server then tears down the torch it
+    # preloaded, which takes seconds, more on a crowded machine.
+    deadline = time.monotonic() + 60
     while any(Path(f"/proc/{pid}").exists() for pid in below) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = [pid for pid in below if Path(f"/proc/{pid}").exists()]
