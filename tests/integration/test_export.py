@@ -156,11 +156,11 @@ def test_round_exports_the_checkpointed_model(
     assert "holds round 2 only" in err[0] and "--round 2" in err[0]
 
 
-def test_a_missing_run_is_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_a_missing_run_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "model.onnx"
-    done = export_process(str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(out))
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [
+    code, _, err = export_here(capsys, str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(out))
+    assert code == 2
+    assert err == [
         f"jetfed export: {tmp_path / 'nowhere'} does not exist; RUN_DIR is a coordinator's --out folder "
         "(or a .safetensors file)"
     ]
