@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
+
+from coordinator.clients import Score
 
 CONNECTING, IDLE, TRAINING, DONE, FAILED = "connecting", "idle", "training", "done", "failed"
 STARTING, RUNNING, FINISHED = "starting", "running", "finished"
@@ -31,6 +33,12 @@ class ScoreView:
     loss: float
     correct: int
     total: int
+    # The task's named metrics (loss, accuracy, recall/<class>, or a custom task's own).
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: str, score: Score) -> "ScoreView":
+        return cls(model, score.accuracy, score.loss, score.correct, score.total, dict(score.metrics))
 
 
 @dataclass
@@ -104,9 +112,10 @@ class RunBoard:
         self.round_durations.append(seconds)
         self.touch()
 
-    def evaluated(self, round_number: int, scores: List[Tuple[str, float, float, int, int]]) -> None:
+    def evaluated(self, round_number: int, scores: Mapping[str, Score]) -> None:
+        """The scores of `round_number`'s models by key ("global" or a worker's name)."""
         self.last_evaluated_round = round_number
-        self.last_evaluation = [ScoreView(*score) for score in scores]
+        self.last_evaluation = [ScoreView.of(model, score) for model, score in scores.items()]
         self.touch()
 
     def end(self, error: str = "") -> None:

@@ -3,8 +3,8 @@ round loop sees plain objects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import grpc
 
@@ -79,18 +79,40 @@ class Update:
 
 @dataclass(frozen=True)
 class Score:
+    """One model's evaluation. `metrics` is the task's named metrics, what the run
+    records and shows; the counts serve the reference's console lines and are 0 for a
+    task that does not classify. Built without metrics (an evaluator older than tasks
+    sends none), it derives loss and accuracy from the counts, so every reader finds
+    a map."""
+
     correct: int
     total: int
     loss: float
     predicted_counts: Tuple[int, ...]
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            derived = {"loss": self.loss}
+            if self.total:
+                derived["accuracy"] = self.correct / self.total
+            object.__setattr__(self, "metrics", derived)
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the evaluation counted right and wrong answers (a classification task)."""
+        return self.total > 0
 
     @property
     def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
+        if self.total:
+            return self.correct / self.total
+        return float(self.metrics.get("accuracy", 0.0))
 
 
 def _score(response: evaluation_pb2.EvaluateResponse) -> Score:
-    return Score(response.correct, response.total, response.loss, tuple(response.predicted_counts))
+    return Score(response.correct, response.total, response.loss, tuple(response.predicted_counts),
+                 dict(response.metrics))
 
 
 def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int, on_bytes: Callable[[int], None]):

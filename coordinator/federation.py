@@ -366,12 +366,12 @@ class Federation:
         limit = asyncio.Semaphore(_CONCURRENT_EVALUATIONS)
         scores = await asyncio.gather(*(self._evaluate(key, w, timeout, limit) for key, _, w in tagged))
         for (_, who, _), score in zip(tagged, scores):
-            self.say(report.share_line(who, score, groups))
-            self.say(report.score_line(who, score))
-        self.board.evaluated(self.board.round, [
-            (key, s.accuracy, s.loss, s.correct, s.total) for (key, _, _), s in zip(tagged, scores)
-        ])
-        return {key: score for (key, _, _), score in zip(tagged, scores)}
+            for line in report.score_lines(who, score, groups):
+                self.say(line)
+        scored = {key: score for (key, _, _), score in zip(tagged, scores)}
+        self.board.evaluated(self.board.round, scored)
+        self.telemetry.set_evaluation(self.board.round, {key: s.metrics for key, s in scored.items()})
+        return scored
 
     async def _evaluate(self, key: str, weights: Weights, timeout: float, limit: asyncio.Semaphore) -> Score:
         assert self.evaluator is not None

@@ -3,8 +3,12 @@
 Forty JSON lines hold everything a run measured but do not show whether the federation
 learned, whether each worker's update stays stuck on the digits it holds while their
 average spreads over all ten, or where the time went. accuracy.png, loss.png,
-shares.png and rounds.png do. Plots are drawn on an operator's machine, never on a
-board, so matplotlib is the optional extra `report` (requirements/report.txt), imported only to draw.
+shares.png and rounds.png do, and recall.png (the federated model's recall of each
+class) when the evaluator reported recall/<class> metrics. A task that does not
+classify (its evaluations count no correct/total) gets metrics.png, each of its metrics
+over the rounds, instead of accuracy.png and shares.png. Plots are drawn on an
+operator's machine, never on a board, so matplotlib is the optional extra `report`
+(requirements/report.txt), imported only to draw.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ Group = Tuple[str, Tuple[int, ...]]
 GLOBAL = "global"
 SIZE = (9.0, 5.0)
 DPI = 120
+# metrics.png draws at most this many of a task's metrics other than loss (loss.png has it), by name.
+MAX_PANELS = 8
 
 
 class ReportError(JetfedError):
@@ -78,6 +84,27 @@ def model_names(rounds: Sequence[Round]) -> List[str]:
 def scores(rounds: Sequence[Round], name: str) -> List[Tuple[int, Dict[str, Any]]]:
     """(round, score) for every round in which `name` was evaluated."""
     return [(r["round"], r["evaluation"][name]) for r in rounds if name in (r.get("evaluation") or {})]
+
+
+def classifies(rounds: Sequence[Round]) -> bool:
+    """Whether the run's evaluations counted right answers; a run never evaluated is
+    drawn as the classification it most likely is."""
+    evaluated = [score for record in rounds for score in (record.get("evaluation") or {}).values()]
+    return not evaluated or any(score.get("total") for score in evaluated)
+
+
+def metric_names(rounds: Sequence[Round], name: str = GLOBAL) -> List[str]:
+    """The metrics `name` was scored on, loss first, then by name (records older than
+    named metrics have none)."""
+    found = {metric for _, score in scores(rounds, name) for metric in score.get("metrics") or {}}
+    return sorted(found, key=lambda metric: (metric != "loss", metric))
+
+
+def recall_classes(rounds: Sequence[Round]) -> List[str]:
+    """The classes with a recall/<class> metric for the federated model, in class order
+    when the names are numbers (recall/10 after recall/9), else by name."""
+    classes = [metric[len("recall/"):] for metric in metric_names(rounds) if metric.startswith("recall/")]
+    return sorted(classes, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
 
 
 def _label(name: str) -> str:
@@ -142,7 +169,56 @@ def plot_accuracy(ax: Any, rounds: Sequence[Round], names: Sequence[str], colour
         ax.legend(loc="lower right")
 
 
-def plot_loss(figure: Any, axes: Any, rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str]) -> None:
+def plot_recall(figure: Any, ax: Any, rounds: Sequence[Round], classes: Sequence[str]) -> None:
+    """The federated model's recall of each class over the evaluated rounds: the class
+    the federation keeps failing shows as the line that stays low."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    points = scores(rounds, GLOBAL)
+    last: Dict[str, float] = {}
+    for i, name in enumerate(classes):
+        series = [(n, 100 * s["metrics"][f"recall/{name}"]) for n, s in points
+                  if f"recall/{name}" in (s.get("metrics") or {})]
+        if series:
+            last[name] = series[-1][1]
+            ax.plot(*zip(*series), marker="o", markersize=4, linewidth=1.5, color=palette(i % palette.N), label=name)
+    _percent_axis(ax)
+    _round_axis(ax, rounds)
+    title = "Recall of each class by the federated model"
+    if last:
+        worst = min(last, key=last.__getitem__)
+        title += f" (lowest at round {points[-1][0]}: {worst}, {last[worst]:.1f}%)"
+    ax.set(title=title, ylabel="recall")
+    ax.grid(alpha=0.3)
+    figure.legend(loc="outside right upper", fontsize="small", title="class", ncol=-(-len(classes) // 20))
+
+
+def plot_metrics(figure: Any, axes: Any, rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str],
+                 metrics: Sequence[str]) -> None:
+    """One panel per metric of a task that does not classify: the federated model
+    emphasised, each worker's update beside it."""
+    for ax, metric in zip(axes.flat, metrics):
+        for name in names:
+            points = [(n, s["metrics"][metric]) for n, s in scores(rounds, name) if metric in (s.get("metrics") or {})]
+            if points:
+                main = name == GLOBAL
+                ax.plot(*zip(*points), marker="o", color=colours[name], linewidth=3 if main else 1.3,
+                        markersize=6 if main else 4, zorder=3 if main else 2, label=_label(name))
+        ax.set(title=metric)
+        ax.grid(alpha=0.3)
+        _round_axis(ax, rounds)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    legend: Dict[str, Any] = {}
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    if legend:
+        figure.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
+
+
+def plot_loss(figure: Any, axes: Any, rounds: Sequence[Round], names: Sequence[str], colours: Dict[str, str],
+              measure: str = "mean NLL") -> None:
     """Test loss above, training loss below; one legend names a worker's colour in both."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
@@ -152,7 +228,7 @@ def plot_loss(figure: Any, axes: Any, rounds: Sequence[Round], names: Sequence[s
         trained = [(r["round"], r["updates"][name]["mean_loss"]) for r in rounds if name in (r.get("updates") or {})]
         if trained:
             training.plot(*zip(*trained), marker=".", color=colours[name], linewidth=1.3, label=name)
-    evaluation.set(title="Test loss of the federated model and of each worker's update (mean NLL)", ylabel="test loss")
+    evaluation.set(title=f"Test loss of the federated model and of each worker's update ({measure})", ylabel="test loss")
     training.set(title="Each worker's mean training loss on its own data", ylabel="training loss")
     legend: Dict[str, Any] = {}
     for ax in (evaluation, training):
@@ -231,20 +307,36 @@ def plot_rounds(axes: Any, rounds: Sequence[Round]) -> None:
     _round_axis(worker_ax, rounds)
 
 
+def _grid(count: int, most: int = 4) -> Tuple[int, int]:
+    cols = min(count, most)
+    return -(-count // cols), cols
+
+
 def draw(rounds: Sequence[Round], groups: Sequence[Group], out: Path, title: str) -> List[Path]:
-    """Write the four PNGs into `out`; returns their paths."""
+    """Write the PNGs into `out` (see the module's docstring for which); returns their paths."""
     names = model_names(rounds)
     colours = dict({name: f"C{i % 10}" for i, name in enumerate(names[1:])}, **{GLOBAL: "black"})
-    evaluated = [n for n in names if scores(rounds, n)] or [GLOBAL]
-    cols = min(len(evaluated), 4)
-    rows = -(-len(evaluated) // cols)
     figures = {}
-    figures["accuracy"], axes = _figure()
-    plot_accuracy(axes[0][0], rounds, names, colours)
-    figures["loss"], axes = _figure(2, 1, sharex=True)
-    plot_loss(figures["loss"], axes, rounds, names, colours)
-    figures["shares"], axes = _figure(rows, cols, SIZE[1] * (1 + 0.8 * (rows - 1)), sharey=True)
-    plot_shares(figures["shares"], axes, rounds, evaluated, groups)
+    if classifies(rounds):
+        figures["accuracy"], axes = _figure()
+        plot_accuracy(axes[0][0], rounds, names, colours)
+        figures["loss"], axes = _figure(2, 1, sharex=True)
+        plot_loss(figures["loss"], axes, rounds, names, colours)
+        evaluated = [n for n in names if scores(rounds, n)] or [GLOBAL]
+        rows, cols = _grid(len(evaluated))
+        figures["shares"], axes = _figure(rows, cols, SIZE[1] * (1 + 0.8 * (rows - 1)), sharey=True)
+        plot_shares(figures["shares"], axes, rounds, evaluated, groups)
+        classes = recall_classes(rounds)
+        if classes:
+            figures["recall"], axes = _figure()
+            plot_recall(figures["recall"], axes[0][0], rounds, classes)
+    else:
+        metrics = [m for m in metric_names(rounds) if m != "loss"][:MAX_PANELS] or ["loss"]
+        rows, cols = _grid(len(metrics), 2)
+        figures["metrics"], axes = _figure(rows, cols, SIZE[1] * (1 + 0.6 * (rows - 1)))
+        plot_metrics(figures["metrics"], axes, rounds, names, colours, metrics)
+        figures["loss"], axes = _figure(2, 1, sharex=True)
+        plot_loss(figures["loss"], axes, rounds, names, colours, measure="the task's loss")
     figures["rounds"], axes = _figure(2, 1, sharex=True)
     plot_rounds(axes, rounds)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +350,9 @@ def draw(rounds: Sequence[Round], groups: Sequence[Group], out: Path, title: str
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="jetfed report", description="Draw a run's metrics.jsonl as "
-                                     "accuracy.png, loss.png, shares.png and rounds.png.")
+                                     "accuracy.png, loss.png, shares.png and rounds.png, plus recall.png when "
+                                     "the evaluations hold recall/<class> metrics; for a task that does not "
+                                     "classify, metrics.png, loss.png and rounds.png.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's output folder, holding metrics.jsonl")
     parser.add_argument("--out", type=Path, metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
     parser.add_argument("--groups", type=parse_groups, default="0-3,4-6,7-9", metavar="A-B,C-D,...",

@@ -10,6 +10,7 @@ import sys
 from typing import Any, List, Optional, Tuple
 
 from coordinator.board import CONNECTING, DONE, FAILED, IDLE, STARTING, TRAINING, RunBoard
+from coordinator.report import describe_metrics
 
 _STYLES = {CONNECTING: "yellow", TRAINING: "yellow", DONE: "green", FAILED: "red"}
 
@@ -42,7 +43,8 @@ def render(board: RunBoard) -> Any:
     if board.last_evaluation:
         best = next((s for s in board.last_evaluation if s.model == "global"), None)
         if best is not None:
-            table.caption = f"round {board.last_evaluated_round}: federated model {100 * best.accuracy:.2f}%"
+            shown = f"{100 * best.accuracy:.2f}%" if best.total else describe_metrics(best.metrics)
+            table.caption = f"round {board.last_evaluated_round}: federated model {shown}"
     return table
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from coordinator.checkpoint import sync_directory
 from coordinator.clients import Score
@@ -44,13 +44,41 @@ def score_line(who: str, score: Score) -> str:
     )
 
 
+def metric_names(metrics: Mapping[str, float]) -> List[str]:
+    """loss first, then the others by name: a map off the wire has no order of its own."""
+    return sorted(metrics, key=lambda name: (name != "loss", name))
+
+
+def describe_metrics(metrics: Mapping[str, float]) -> str:
+    """`loss 0.1234, mae 3.21`"""
+    return ", ".join(f"{name} {metrics[name]:.4g}" for name in metric_names(metrics))
+
+
+def metrics_line(who: str, score: Score) -> str:
+    """`Federated model: loss 0.1234, mae 3.21`: a task that does not classify."""
+    return f"{who}: {describe_metrics(score.metrics)}"
+
+
+def score_lines(who: str, score: Score, groups: Sequence[LabelGroup]) -> List[str]:
+    """What the console says of one model: for classification the reference's two lines
+    (the share line only when the workers announced label counts); otherwise one line
+    of the task's metrics."""
+    if not score.classifies:
+        return [metrics_line(who, score)]
+    has_counts = any(labels for _, labels in groups) and bool(score.predicted_counts)
+    return ([share_line(who, score, groups)] if has_counts else []) + [score_line(who, score)]
+
+
 def score_record(score: Score) -> Dict[str, Any]:
+    """A model's entry under "evaluation" in metrics.jsonl: the reference's keys, which
+    readers of older runs rely on, and the task's named metrics."""
     return {
         "accuracy": score.accuracy,
         "loss": score.loss,
         "correct": score.correct,
         "total": score.total,
         "predicted_counts": list(score.predicted_counts),
+        "metrics": dict(score.metrics),
     }
 
 

@@ -31,7 +31,8 @@ def status_message(board: RunBoard) -> pb.RunStatus:
         ],
         last_evaluated_round=board.last_evaluated_round,
         last_evaluation=[
-            pb.ModelScore(model=s.model, accuracy=s.accuracy, loss=s.loss, correct=s.correct, total=s.total)
+            pb.ModelScore(model=s.model, accuracy=s.accuracy, loss=s.loss, correct=s.correct, total=s.total,
+                          metrics=s.metrics)
             for s in board.last_evaluation
         ],
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import re
 import time
-from typing import Any, Awaitable, Callable, Iterator, Optional
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Mapping, Optional
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -19,10 +21,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from jetfed.handlers import rebuild_handler
 from jetfed.errors import AddressInUse
 
+log = logging.getLogger(__name__)
+
 # 1 ms (a health check on a LAN) to 10 min (a ResNet round on a board); more is +Inf.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ROUND_OUTCOMES = ("completed", "failed")
+# Evaluation metrics are named by the task, so their label values are bounded here: a
+# task reporting the recall of each of 1,000 classes must not mint 1,000 series per model
+# and round. Kept: loss and accuracy, then the others by name, up to the cap; a name is
+# cut to MAX_METRIC_NAME characters and any character outside [A-Za-z0-9_:/.-] becomes _.
+MAX_METRICS_PER_MODEL = 64
+MAX_METRIC_NAME = 64
+_METRIC_NAME_REFUSED = re.compile(r"[^A-Za-z0-9_:/.\-]")
 # grpcio < 1.60 answers context.code() with the core's integer, later ones with the enum.
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -103,6 +114,12 @@ class RunTelemetry(Telemetry):
                                            ["model"], buckets=DURATION_BUCKETS, registry=r)
         self._contributing = Gauge("jetfed_workers_contributing", "Updates averaged in the last round", registry=r)
         self._round = Gauge("jetfed_current_round", "The round being trained", registry=r)
+        self._evaluation = Gauge("jetfed_evaluation_metric",
+                                 "The task's metrics of each model scored in the last evaluated round",
+                                 ["model", "metric"], registry=r)
+        self._evaluated_round = Gauge("jetfed_evaluated_round", "The round jetfed_evaluation_metric is from",
+                                      registry=r)
+        self._capped_warned = False
 
     def observe_round(self, seconds: float, outcome: str) -> None:
         """`outcome` is one of ROUND_OUTCOMES; anything else is a bug, not a new series."""
@@ -122,6 +139,38 @@ class RunTelemetry(Telemetry):
 
     def set_round(self, round_number: int) -> None:
         self._round.set(round_number)
+
+    def set_evaluation(self, round_number: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+        """The metrics of each model scored in `round_number`, by model ("global" or a
+        worker's name, so bounded by the fleet): they replace the previous round's, so an
+        update not scored this time shows no stale values."""
+        self._evaluation.clear()
+        for model, values in metrics.items():
+            kept = bounded_metrics(values)
+            if len(kept) < len(values) and not self._capped_warned:
+                self._capped_warned = True
+                log.warning("jetfed_evaluation_metric keeps %d of the %d metrics of model %s (at most %d a model)",
+                            len(kept), len(values), model, MAX_METRICS_PER_MODEL)
+            for name, value in kept.items():
+                self._evaluation.labels(model, name).set(value)
+        self._evaluated_round.set(round_number)
+
+
+def metric_label(name: str) -> str:
+    """A task's metric name as a label value: bounded length, a plain character set."""
+    return _METRIC_NAME_REFUSED.sub("_", name[:MAX_METRIC_NAME]) or "_"
+
+
+def bounded_metrics(values: Mapping[str, float]) -> Dict[str, float]:
+    """At most MAX_METRICS_PER_MODEL of `values` under their label names: loss and
+    accuracy first, then the others in name order."""
+    order: List[str] = sorted(values, key=lambda name: (name not in ("loss", "accuracy"), name != "loss", name))
+    kept: Dict[str, float] = {}
+    for name in order:
+        label = metric_label(name)
+        if label not in kept and len(kept) < MAX_METRICS_PER_MODEL:
+            kept[label] = float(values[name])
+    return kept
 
 
 def _status(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -1,12 +1,15 @@
 """jetfed.v1.Coordinator during a real run: GetStatus answers mid-run and WatchStatus
-follows the run to its end."""
+follows the run to its end, with the task's named metrics of each scored model, the
+same as metrics.jsonl records."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import grpc
+import pytest
 
 from coordinator.runner import run
 from coordinator.settings import RunSettings
@@ -49,5 +52,19 @@ def test_status_follows_a_run(fleet, tmp_path: Path) -> None:
     assert all(w.last_contribution == 4 and w.state == pb.WORKER_STATE_DONE for w in last.workers)
     assert last.last_evaluated_round == 4
     assert {s.model for s in last.last_evaluation} == {"global", "alice", "bob", "charlie"}
+
+    # The evaluator's named metrics reach metrics.jsonl and the status alike.
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recorded = records[-1]["evaluation"]
+    status = {s.model: s for s in last.last_evaluation}
+    for model, score in recorded.items():
+        metrics = score["metrics"]
+        assert set(metrics) == {"loss", "accuracy", *(f"recall/{digit}" for digit in range(10))}, model
+        assert metrics["accuracy"] == score["accuracy"] == score["correct"] / 200
+        assert all(0.0 <= metrics[f"recall/{digit}"] <= 1.0 for digit in range(10))
+        assert dict(status[model].metrics) == metrics
+        # The tiny test set holds 20 examples of each digit: accuracy is the mean recall.
+        assert sum(metrics[f"recall/{digit}"] for digit in range(10)) / 10 == pytest.approx(metrics["accuracy"])
+    assert len({score["metrics"]["recall/4"] for score in recorded.values()}) > 1, "one recall for every model"
     rounds_seen = sorted({s.round for s in seen})
     assert rounds_seen[-1] == 4 and len(rounds_seen) >= 2, "the watch did not follow the run"

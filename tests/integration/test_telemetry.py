@@ -4,6 +4,7 @@ endpoint: every handler kind, calls that end OK, aborted, failed and cancelled."
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -260,3 +261,12 @@ def test_a_round_is_measured_at_both_ends(tiny_mnist: Path, tmp_path: Path) -> N
     assert value(coordinator, "jetfed_train_seconds_count", worker="alice") == 1
     assert value(coordinator, "jetfed_evaluate_seconds_count", model="alice") == 1
     assert value(coordinator, "jetfed_evaluate_seconds_count", model="global") == 1
+
+    recorded = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["evaluation"]
+    assert value(coordinator, "jetfed_evaluated_round") == 1
+    for model in ("global", "alice"):
+        metrics = recorded[model]["metrics"]
+        assert {"loss", "accuracy", "recall/0", "recall/9"} <= set(metrics)
+        for metric, expected in metrics.items():
+            assert value(coordinator, "jetfed_evaluation_metric", model=model, metric=metric) == expected, metric
+    assert not [name for name, _ in worker if name == "jetfed_evaluation_metric"], "a worker's scrape shows none"

@@ -138,3 +138,46 @@ def test_parse_groups():
 def test_parse_groups_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_groups(text)
+
+
+def with_recall(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record with the named metrics an evaluator of a classification task returns:
+    class 9 is learned last."""
+    for score_ in (record.get("evaluation") or {}).values():
+        recall = {f"recall/{d}": min(1.0, score_["accuracy"] * (0.6 if d == 9 else 1.05)) for d in range(10)}
+        score_["metrics"] = {"loss": score_["loss"], "accuracy": score_["accuracy"], **recall}
+    return record
+
+
+def regression(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record as a task that does not classify leaves it: no counts, its own metrics."""
+    for name, score_ in (record.get("evaluation") or {}).items():
+        error = 10 * (1 - score_["accuracy"])
+        score_.update(accuracy=0.0, correct=0, total=0, predicted_counts=[],
+                      metrics={"loss": score_["loss"], "mae": error, "rmse": 1.3 * error, "r2": score_["accuracy"]})
+    return record
+
+
+@draws
+def test_recall_metrics_add_a_recall_figure(tmp_path, capsys):
+    write_metrics(tmp_path, [with_recall(round_record(n)) for n in range(1, 13)])
+
+    assert main([str(tmp_path)]) == 0
+
+    printed = capsys.readouterr().out.split()
+    assert sorted(Path(p).name for p in printed) == sorted(PNGS + ("recall.png",))
+    assert png_size(tmp_path / "recall.png")[1] == 600
+    assert (tmp_path / "recall.png").stat().st_size > 20_000
+
+
+@draws
+def test_a_task_that_does_not_classify_gets_its_metrics_instead_of_accuracy(tmp_path, capsys):
+    write_metrics(tmp_path, [regression(round_record(n)) for n in range(1, 13)])
+
+    assert main([str(tmp_path)]) == 0
+
+    printed = sorted(Path(p).name for p in capsys.readouterr().out.split())
+    assert printed == ["loss.png", "metrics.png", "rounds.png"]
+    assert not (tmp_path / "accuracy.png").exists() and not (tmp_path / "shares.png").exists()
+    assert png_size(tmp_path / "metrics.png")[0] == 1080
+    assert (tmp_path / "metrics.png").stat().st_size > 20_000
