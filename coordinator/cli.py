@@ -1,5 +1,7 @@
 """`jetfed coordinator`: run a federation over the workers and evaluator given by a
-config file (--config federation.toml) and flags."""
+config file (--config federation.toml) and flags. It needs no task code: the fleet must
+run --task (checked at connect), and round 1 starts from --init-weights or a worker's
+freshly built model."""
 
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ from typing import Any, Dict, List, Optional, Union
 from coordinator.config_file import load_config
 from coordinator.federation import RunSummary
 from coordinator.runner import run
-from coordinator.settings import DEFAULT_MAX_NORM_RATIO, WEIGHTINGS, RunSettings
+from coordinator.settings import DEFAULT_MAX_NORM_RATIO, DEFAULT_TASK, WEIGHTINGS, RunSettings
 from jetfed import logs, stream, tls
 from jetfed.signals import cancel_on_signals
 from jetfed.auth import add_token_argument, read_token
 from jetfed.config import OPTIMIZERS, TrainConfig
 from jetfed.errors import InvalidConfig, JetfedError
-from jetfed.models import DEFAULT_MODEL, model_names
 
 log = logging.getLogger("coordinator")
 
@@ -42,7 +43,8 @@ def parse_min_workers(value: str) -> Union[int, str]:
 
 
 DEFAULTS = {
-    "worker": [], "evaluator": None, "rounds": 40, "eval_every": 10, "model": DEFAULT_MODEL,
+    "worker": [], "evaluator": None, "rounds": 40, "eval_every": 10, "task": DEFAULT_TASK, "model": None,
+    "init_weights": None,
     "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
     "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
     "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "max_norm_ratio": DEFAULT_MAX_NORM_RATIO,
@@ -70,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--evaluator", "the evaluator scoring models on the test set", metavar="[NAME=]HOST:PORT")
     flag("--rounds", type=int)
     flag("--eval-every", "evaluate rounds 1, 1+N, 1+2N, ... and the last", type=int)
-    flag("--model", choices=model_names())
+    flag("--task", "the task every worker and the evaluator must run, by the name their GetInfo reports "
+         "(`jetfed tasks` on a board); the coordinator imports no task code", metavar="NAME")
+    flag("--model", "the model the fleet must serve (default: the one it serves, the same on every board)",
+         metavar="NAME")
+    flag("--init-weights", "start round 1 from this safetensors state_dict of the fleet's model (default: a "
+         "worker's freshly built weights for --seed); README 'Initial weights' shows how to make one",
+         type=Path, metavar="FILE")
     flag("--optimizer", choices=OPTIMIZERS)
     flag("--lr", "learning rate of round 1", type=float)
     flag("--lr-decay", "lr multiplier per round (the reference's)", type=float)
@@ -130,7 +138,8 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
     return RunSettings(
         workers=workers, evaluator=evaluator,
         out_dir=Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S"),
-        rounds=values["rounds"], eval_every=values["eval_every"], model=values["model"], train=train,
+        rounds=values["rounds"], eval_every=values["eval_every"], task=values["task"], model=values["model"],
+        init_weights=Path(values["init_weights"]) if values["init_weights"] else None, train=train,
         lr_decay=values["lr_decay"], lr_min_factor=values["lr_min_factor"], weighting=values["weighting"],
         max_norm_ratio=values["max_norm_ratio"],
         chunk_bytes=values["chunk_bytes"], max_payload_bytes=values["max_payload_bytes"],

@@ -12,7 +12,7 @@ from jetfed import codec, wire
 from jetfed.auth import await_admission
 from jetfed.codec import Manifest, StateDict, TensorInfo
 from jetfed.config import TrainConfig
-from jetfed.errors import BadStream
+from jetfed.errors import BadStream, JetfedError, ManifestMismatch
 from jetfed.serving import CHANNEL_OPTIONS
 from jetfed.telemetry import Telemetry
 
@@ -124,33 +124,70 @@ def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int, on_bytes: C
     )
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A failed call or check as one line: its status, then what went wrong."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, JetfedError):
+        return f"{exc.code.name}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class WorkerClient:
     def __init__(
-        self, name: str, address: str, model: str, spec: Tuple[TensorInfo, ...],
-        chunk_bytes: int, max_payload_bytes: int,
+        self, name: str, address: str, chunk_bytes: int, *,
         credentials: Optional[grpc.ChannelCredentials] = None, metadata: Metadata = (),
         telemetry: Optional[Telemetry] = None, run_id: str = "",
     ) -> None:
         """`run_id` names this run in every Train header, so a worker that another run
-        is driving refuses it (FAILED_PRECONDITION, both runs named); "" says nothing."""
+        is driving refuses it (FAILED_PRECONDITION, both runs named); "" says nothing.
+        The model it trains is known once the fleet has answered: see `expect`."""
         self.name = name
         self.run_id = run_id
         self.address = address
-        self._model = model
-        self._spec = spec
+        self._expected: Optional[Tuple[str, Tuple[TensorInfo, ...], int]] = None
         self._chunk_bytes = chunk_bytes
-        self._max_payload_bytes = max_payload_bytes
         self._telemetry = telemetry or Telemetry()
         self._metadata = metadata
         self._guarded = credentials is not None or bool(metadata)
         self._channel = _channel(address, credentials)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
+    def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
+        """The run's model, once known: every Train result must be weights of `model`
+        with exactly `spec`, no larger than `max_payload_bytes`."""
+        self._expected = (model, spec, max_payload_bytes)
+
     async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
         """With `wait`, waits for the worker to come up, within `timeout`."""
         return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=wait)
 
+    async def initial_weights(self, seed: int, model: str, digest: str, max_bytes: int, timeout: float) -> Weights:
+        """The worker's freshly built model for `seed`, proven to be `model` with the
+        spec whose digest is `digest` (the fleet's, from GetInfo; "" from a worker too
+        old to say) before its bytes are buffered, then whole and finite."""
+
+        def check_header(header: worker_pb2.InitialWeightsHeader, manifest: Manifest) -> None:
+            codec.check_manifest(manifest, model, manifest.tensors)
+            announced = codec.spec_digest(manifest.tensors)
+            if digest and announced != digest:
+                raise ManifestMismatch(f"initial weights: worker {self.name} sent tensors with digest "
+                                       f"{announced[:12]}, but it reports model digest {digest[:12]}")
+
+        call = self._stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed), timeout=timeout,
+                                         metadata=self._metadata)
+        _, manifest, payload = await wire.read_weight_stream(
+            call, "header", max_bytes, check_head=check_header,
+            on_bytes=self._telemetry.on_bytes_received("InitialWeights"),
+        )
+        state = codec.decode(manifest, payload)
+        codec.require_finite(state, who=self.name)
+        return Weights(manifest, payload, state)
+
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
+        if self._expected is None:
+            raise RuntimeError(f"worker {self.name}: train before expect (the run's model is not known yet)")
+        model, spec, max_payload_bytes = self._expected
         head = worker_pb2.TrainRequest(
             header=worker_pb2.TrainHeader(
                 round=round_number, config=wire.config_to_proto(config),
@@ -167,10 +204,10 @@ class WorkerClient:
         def check_result(result: worker_pb2.TrainResult, manifest: Manifest) -> None:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
-            codec.check_manifest(manifest, self._model, self._spec)
+            codec.check_manifest(manifest, model, spec)
 
         result, manifest, payload = await wire.read_weight_stream(
-            call, "result", self._max_payload_bytes, check_head=check_result,
+            call, "result", max_payload_bytes, check_head=check_result,
             on_bytes=self._telemetry.on_bytes_received("Train"),
         )
         state = codec.decode(manifest, payload)

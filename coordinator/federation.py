@@ -1,7 +1,9 @@
 """The round loop: send the global model to the workers at once, average what comes
 back in time and passes screening, score on schedule. Transport lives in clients,
-screening in screening, arithmetic in fedavg, backoff in roster, output in report;
-this module only sequences them."""
+screening in screening, arithmetic in fedavg, backoff in roster, output in report,
+the fleet's agreement on its model in fleet_model, the run's first weights in
+initial_weights; this module only sequences them. It holds no task code: the model is
+known only as tensors, once the fleet has answered."""
 
 from __future__ import annotations
 
@@ -12,19 +14,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
-import torch
 
-from coordinator import report, screening
+from coordinator import initial_weights, report, screening
 from coordinator.board import RunBoard
-from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient
+from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient, describe_failure
 from coordinator.fedavg import fedavg
+from coordinator.fleet_model import FleetModel, ServiceModel, agree
+from coordinator.initial_weights import Start
 from coordinator.roster import Roster
-from coordinator.settings import RunSettings
+from coordinator.settings import MAX_PAYLOAD_BYTES, RunSettings
 from jetfed import codec, stream, tls
 from jetfed.auth import bearer_metadata
+from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
 from jetfed.errors import JetfedError
-from jetfed.models import build_model
 from jetfed.telemetry import RunTelemetry
 from jetfed.v1 import info_pb2
 
@@ -66,14 +69,6 @@ class RunSummary:
     never_contributed: List[str] = field(default_factory=list)
 
 
-def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, JetfedError):
-        return f"{exc.code.name}: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
 class Federation:
     def __init__(
         self, settings: RunSettings, say: Say = print, board: Optional[RunBoard] = None,
@@ -82,20 +77,18 @@ class Federation:
         self.settings = settings
         self.say = say
         self.telemetry = telemetry or RunTelemetry()
-        torch.manual_seed(settings.train.seed)
-        initial = build_model(settings.model).state_dict()
-        self._spec = codec.spec_of(initial)
-        self.global_weights = Weights.of(initial, settings.model)
+        # Known once the fleet has answered (connect): its model, and the global weights.
+        self.fleet: Optional[FleetModel] = None
+        self._weights: Optional[Weights] = None
+        # The first weights when they do not come from a worker: a checkpoint or a file.
+        self._start: Optional[Start] = None
         credentials = settings.tls.channel_credentials() if settings.tls else None
         if credentials is None:
             tls.warn_plaintext(log, "the coordinator's calls to the fleet")
         metadata = bearer_metadata(settings.token)
-        max_payload = settings.max_payload_bytes or stream.payload_limit(codec.payload_size_range(self._spec)[1])
         self.workers = {
-            name: WorkerClient(
-                name, address, settings.model, self._spec, settings.chunk_bytes, max_payload,
-                credentials, metadata, self.telemetry,
-            )
+            name: WorkerClient(name, address, settings.chunk_bytes, credentials=credentials, metadata=metadata,
+                               telemetry=self.telemetry)
             for name, address in settings.workers.items()
         }
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
@@ -105,15 +98,35 @@ class Federation:
             if settings.evaluator else None
         )
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
+        self._evaluator_info: Optional[info_pb2.GetInfoResponse] = None
         # Workers that did not answer at start, with the reason: warned about, recorded.
         self.absent: Dict[str, str] = {}
-        self._evaluator_ready = False
         self._updates: List[Update] = []
 
-    def restore(self, state: codec.StateDict) -> None:
-        manifest, _ = codec.encode(state, self.settings.model)
-        codec.check_manifest(manifest, self.settings.model, self._spec)
-        self.global_weights = Weights.of(state, self.settings.model)
+    @property
+    def global_weights(self) -> Weights:
+        if self._weights is None:
+            raise RuntimeError("the global model is known once the fleet has connected")
+        return self._weights
+
+    @property
+    def model(self) -> str:
+        """The model's name, as the fleet reports it (every manifest carries it)."""
+        if self.fleet is None:
+            raise RuntimeError("the model is known once the fleet has connected")
+        return self.fleet.model
+
+    def restore(self, state: StateDict, model: str, round_number: int) -> None:
+        """Start from a checkpoint; connect checks it is the fleet's model."""
+        self._start = Start(state, f"the checkpoint of round {round_number}", model)
+
+    def start_from_file(self) -> None:
+        """Start from --init-weights (read and checked now, so a bad file fails before
+        the fleet is awaited); connect checks it is the fleet's model."""
+        path = self.settings.init_weights
+        assert path is not None
+        state = initial_weights.read_file(path, self.settings.max_payload_bytes or MAX_PAYLOAD_BYTES)
+        self._start = Start(state, f"{initial_weights.SETTING} {path}")
 
     async def connect(self) -> None:
         """Wait up to --connect-timeout for the fleet, saying at once whom it awaits and,
@@ -138,6 +151,8 @@ class Federation:
         finally:
             for call in calls:
                 call.cancel()
+        fleet = self._agree()
+        source = await self._first_weights(fleet)
         answered = len(self._infos)
         if self.absent:
             warning = (f"WARNING: going on with {answered} of {len(self.workers)} workers; not answering: "
@@ -147,7 +162,47 @@ class Federation:
             log.warning("%s", warning)
         else:
             self.say(f"Fleet ready after {time.perf_counter() - started:.2f}s: {answered} of {len(self.workers)} "
-                      f"workers{' and the evaluator' if self.evaluator and self._evaluator_ready else ''}")
+                      f"workers{' and the evaluator' if self._evaluator_info is not None else ''}")
+        self.say(f"Running {fleet.describe()}; initial weights: {source}")
+        log.info("fleet %s reference=%s digest=%s initial=%s", fleet.describe(), fleet.reference, fleet.digest,
+                 source)
+
+    def _agree(self) -> FleetModel:
+        """Every worker that answered and the evaluator run this run's task, the same
+        model and classes (fleet_model), or RunFailed naming both sides."""
+        answered = [ServiceModel.of(name, self._infos[name]) for name in self.roster.names if name in self._infos]
+        try:
+            fleet = agree(self.settings.task, self.settings.model, answered)
+            if self._evaluator_info is not None:
+                fleet.check(ServiceModel.of(_EVALUATOR, self._evaluator_info, is_evaluator=True))
+        except JetfedError as exc:
+            raise RunFailed(f"the fleet disagrees: {exc}") from None
+        self.fleet = fleet
+        return fleet
+
+    async def _first_weights(self, fleet: FleetModel) -> str:
+        """The global model of round 1 (or of the round after a checkpoint), checked to
+        be the fleet's, and each client told what its Train results must be; returns
+        where the weights came from, for the start line."""
+        if self._start is None:
+            asked = [self.workers[name] for name in self.roster.names if name in self._infos]
+            try:
+                weights, source = await initial_weights.from_a_worker(
+                    asked, fleet, self.settings.train.seed, self.settings.max_payload_bytes or MAX_PAYLOAD_BYTES,
+                    self.settings.round_timeout)
+            except JetfedError as exc:
+                raise RunFailed(str(exc)) from None
+        else:
+            problem = self._start.problem(fleet)
+            if problem:
+                raise RunFailed(problem)
+            weights, source = Weights.of(self._start.state, fleet.model), self._start.source
+        spec = weights.manifest.tensors
+        max_payload = self.settings.max_payload_bytes or stream.payload_limit(codec.payload_size_range(spec)[1])
+        for worker in self.workers.values():
+            worker.expect(fleet.model, spec, max_payload)
+        self._weights = weights
+        return source
 
     async def _await_workers(
         self, calls: Dict["asyncio.Future[Any]", str], started: float,
@@ -203,22 +258,27 @@ class Federation:
                 self._evaluator_missing(describe_failure(failure))
                 return
             info = call.result()
-            if info.model != self.settings.model:
-                raise RunFailed(f"evaluator serves model {info.model!r}, this run trains {self.settings.model!r}")
-            self._evaluator_ready = True
-            log.info("evaluator address=%s device=%s examples=%d", self.evaluator.address, info.device,
-                     info.dataset_size)
+            self._evaluator_info = info
+            log.info("evaluator address=%s device=%s task=%s model=%s examples=%d", self.evaluator.address,
+                     info.device, info.task or "-", info.model, info.dataset_size)
             return
         if failure is not None:
             self.absent[name] = describe_failure(failure)
             return
         answer = call.result()
-        if answer.model != self.settings.model:
-            raise RunFailed(f"worker {name} serves model {answer.model!r}, this run trains {self.settings.model!r}")
         self._infos[name] = answer
         self.board.worker_answered(name)
-        log.info("worker=%s address=%s device=%s examples=%d", name, self.workers[name].address,
-                 answer.device, answer.dataset_size)
+        log.info("worker=%s address=%s device=%s task=%s model=%s examples=%d", name, self.workers[name].address,
+                 answer.device, answer.task or "-", answer.model, answer.dataset_size)
+
+    def _learn(self, name: str, info: info_pb2.GetInfoResponse) -> None:
+        """A GetInfo answer heard after the start (a worker absent then, or one back
+        after a failure, maybe restarted with other flags): kept only if the worker
+        still runs the fleet's model (FleetMismatch, a failure of that worker's, not of
+        the run, otherwise)."""
+        if self.fleet is not None:
+            self.fleet.check(ServiceModel.of(name, info))
+        self._infos[name] = info
 
     async def _explain_absent(self) -> None:
         """A wait that times out only says DEADLINE_EXCEEDED; one quick call without
@@ -296,7 +356,7 @@ class Federation:
         started = time.perf_counter()
         deadline = self.settings.round_timeout
         if name not in self._infos:
-            self._infos[name] = await self.workers[name].info(timeout=deadline, wait=False)
+            self._learn(name, await self.workers[name].info(timeout=deadline, wait=False))
         left = deadline - (time.perf_counter() - started)
         update = await self.workers[name].train(round_number, config, self.global_weights, left)
         self.telemetry.observe_train(name, time.perf_counter() - started)
@@ -332,7 +392,7 @@ class Federation:
             log.warning("round=%d worker=%s clipped: %s", round_number, name, note)
         weights = [u.num_examples if settings.weighting == "examples" else 1.0 for u in updates]
         self._updates = updates
-        self.global_weights = Weights.of(fedavg([states[u.worker] for u in updates], weights), settings.model)
+        self._weights = Weights.of(fedavg([states[u.worker] for u in updates], weights), self.model)
         record.update({
             "attempts": attempt,
             "workers": [u.worker for u in updates],
@@ -350,8 +410,8 @@ class Federation:
         for name in self.roster.names:
             if name not in self._infos:
                 try:
-                    self._infos[name] = await self.workers[name].info(timeout=2.0, wait=False)
-                except grpc.aio.AioRpcError:
+                    self._learn(name, await self.workers[name].info(timeout=2.0, wait=False))
+                except (grpc.aio.AioRpcError, JetfedError):
                     pass
         return report.label_groups([list(self._infos[n].label_counts) for n in self.roster.names if n in self._infos])
 

@@ -23,19 +23,24 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from coordinator import checkpoint
 from coordinator.federation import Federation, RunFailed, Say
+from coordinator.fleet_model import OLDER_TASK
 from coordinator.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
-# What must not change between a run and its resumption, or the result is another run.
-_PINNED = ("model", "train", "lr_decay", "lr_min_factor", "weighting", "max_norm_ratio")
+# What must not change between a run and its resumption, or the result is another run;
+# the model too, by the name the fleet reported (run_identity), checked at connect.
+_PINNED = ("task", "train", "lr_decay", "lr_min_factor", "weighting", "max_norm_ratio")
 
 # (round, the line as written) for each whole record of metrics.jsonl.
 Line = Tuple[int, str]
 
 
-def run_identity(settings: RunSettings) -> Dict[str, Any]:
-    return {key: dataclasses.asdict(settings)[key] for key in _PINNED}
+def run_identity(settings: RunSettings, model: str) -> Dict[str, Any]:
+    """What a checkpoint pins; `model` is the fleet's model, which --model may leave out."""
+    identity = {key: dataclasses.asdict(settings)[key] for key in _PINNED}
+    identity["model"] = model
+    return json.loads(json.dumps(identity))
 
 
 def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
@@ -59,9 +64,15 @@ def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
         _rewrite(metrics, text, [])
         log.info("resume: no checkpoint in %s; starting at round 1", folder)
         return 1
-    if saved.run != json.loads(json.dumps(run_identity(settings))):
+    # Checkpoints from before tasks pinned no task: they ran mnist.
+    pinned = {"task": OLDER_TASK, **saved.run}
+    model = pinned.get("model")
+    if not isinstance(model, str) or pinned != run_identity(settings, model):
         raise RunFailed(f"resume: {folder} was written by a run with other settings: {saved.run}")
-    federation.restore(saved.state)
+    if settings.model is not None and settings.model != model:
+        raise RunFailed(f"resume: --model {settings.model}, but the run in {folder} trains {model}; resume it "
+                        f"without --model, or with --model {model}")
+    federation.restore(saved.state, model, saved.round)
     _rewrite(metrics, text, _agree(lines, saved.round, saved.record))
     say(f"Resuming after round {saved.round}/{settings.rounds}")
     return saved.round + 1

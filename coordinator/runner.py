@@ -13,8 +13,8 @@ import grpc
 
 from coordinator import checkpoint, report, resume
 from coordinator.board import RunBoard
-from coordinator.clients import Score
-from coordinator.federation import Federation, RunFailed, RunSummary, Say, describe_failure
+from coordinator.clients import Score, describe_failure
+from coordinator.federation import Federation, RunFailed, RunSummary, Say
 from coordinator.progress import Progress
 from coordinator.settings import RunSettings
 from coordinator.status_service import CoordinatorStatusService
@@ -103,6 +103,8 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunT
             settings.out_dir.mkdir(parents=True, exist_ok=True)
             first = resume.first_round(settings, federation, say)
             metrics = report.MetricsLog(settings.out_dir / "metrics.jsonl")
+        if first == 1 and settings.init_weights is not None:
+            federation.start_from_file()
         board.first_round = first
         return await _rounds(settings, federation, metrics, first)
     except BaseException as exc:
@@ -123,8 +125,8 @@ def _commit(settings: RunSettings, federation: Federation, metrics: report.Metri
     metrics line without its checkpoint."""
     number, folder = record["round"], settings.out_dir / "checkpoint"
     with _writing(folder, f"free space, then --resume runs round {number} again"):
-        checkpoint.save(folder, number, federation.global_weights.state, settings.model,
-                        resume.run_identity(settings), record)
+        checkpoint.save(folder, number, federation.global_weights.state, federation.model,
+                        resume.run_identity(settings, federation.model), record)
     with _writing(metrics.path, f"free space, then --resume takes round {number}'s record from its checkpoint"):
         metrics.write(record)
 
@@ -165,7 +167,7 @@ async def _rounds(settings: RunSettings, federation: Federation, metrics: report
                  len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
         _commit(settings, federation, metrics, record)
     with _writing(model_path, "free space, then --resume writes it from the last checkpoint"):
-        checkpoint.write_model(model_path, federation.global_weights.state, settings.model, settings.rounds)
+        checkpoint.write_model(model_path, federation.global_weights.state, federation.model, settings.rounds)
     board.end()
     return RunSummary(
         rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,

@@ -10,8 +10,13 @@ from typing import Dict, Optional
 from jetfed import stream
 from jetfed.config import TrainConfig
 from jetfed.errors import InvalidConfig
-from jetfed.models import DEFAULT_MODEL, build_model
 from jetfed.tls import TlsFiles
+
+# The boards' default task (jetfed.tasks.DEFAULT_TASK), named here because the
+# coordinator imports no task code.
+DEFAULT_TASK = "mnist"
+# Task and model names travel in GetInfo and every manifest; longer is a mistake.
+MAX_NAME_CHARS = 200
 
 WEIGHTINGS = ("examples", "equal")
 # Rounds travel as uint32 (TrainHeader.round, RunStatus.round and .rounds).
@@ -34,7 +39,12 @@ class RunSettings:
     out_dir: Path
     rounds: int = 40
     eval_every: int = 10
-    model: str = DEFAULT_MODEL
+    # The task the fleet must run, by the name its GetInfo reports; never imported here.
+    task: str = DEFAULT_TASK
+    # The model the fleet must serve; None: whatever it serves, the same on every board.
+    model: Optional[str] = None
+    # The run's first weights (a safetensors state_dict); None: a worker's, for the seed.
+    init_weights: Optional[Path] = None
     train: TrainConfig = field(default_factory=TrainConfig)
     lr_decay: float = 0.98
     lr_min_factor: float = 0.01
@@ -93,7 +103,12 @@ class RunSettings:
         stream.check_chunk_size(self.chunk_bytes)
         if self.max_payload_bytes is not None:
             _check_int("max_payload_bytes", self.max_payload_bytes, 1, MAX_PAYLOAD_BYTES)
-        build_model(self.model)
+        _check_name("task", self.task, "e.g. --task mnist")
+        if self.model is not None:
+            _check_name("model", self.model, "or leave --model out to take the fleet's")
+        if self.init_weights is not None and not self.init_weights.is_file():
+            raise InvalidConfig(f"init_weights: {self.init_weights} is not a file; give a safetensors file "
+                                "(--init-weights), or leave it out to start from a worker's weights")
         self.train.validated()
         return self
 
@@ -106,6 +121,12 @@ class RunSettings:
     def evaluates(self, round_number: int) -> bool:
         """Rounds 1, 1+k, 1+2k, ... and the last, as in the reference (k = 10)."""
         return (round_number - 1) % self.eval_every == 0 or round_number == self.rounds
+
+
+def _check_name(name: str, value: str, hint: str) -> None:
+    """A task or model name: what services report in GetInfo, compared as is."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS or not value.isprintable():
+        raise InvalidConfig(f"{name}: {value!r} must be a name of 1..{MAX_NAME_CHARS} printable characters; {hint}")
 
 
 def _check_int(name: str, value: int, low: int, high: int) -> None:

@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
 
 import grpc
+import torch
 
 from jetfed import codec, wire
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, TrainConfig
@@ -198,6 +199,36 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> evaluation_pb2.EvaluateResponse:
         async with rpc_status(context, "Evaluate"):
             return await self._scorer.score(request_iterator)
+
+    async def InitialWeights(
+        self, request: worker_pb2.InitialWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.InitialWeightsResponse]:
+        """The task's model freshly built from `request.seed`: the start of a run whose
+        coordinator has no task code and no --init-weights. Built in the torch thread,
+        so it waits for a round in progress rather than racing it."""
+        async with rpc_status(context, "InitialWeights"):
+            loop = asyncio.get_running_loop()
+            manifest, payload = await loop.run_in_executor(self._executor, self._initial_weights, request.seed)
+            log.info("initial weights seed=%d model=%s bytes=%d peer=%s", request.seed, self._model_name,
+                     manifest.total_bytes, context.peer())
+            head = worker_pb2.InitialWeightsResponse(
+                header=worker_pb2.InitialWeightsHeader(manifest=wire.manifest_to_proto(manifest))
+            )
+            for message in wire.weight_messages(
+                head, payload, self._chunk_bytes, lambda chunk: worker_pb2.InitialWeightsResponse(chunk=chunk),
+                self._telemetry.on_bytes_sent("InitialWeights"),
+            ):
+                yield message
+
+    def _initial_weights(self, seed: int) -> Tuple[codec.Manifest, bytes]:
+        """The torch thread's part, as the coordinator once built the start itself
+        (`torch.manual_seed(seed)`, then the model, on the CPU): the same seed gives the
+        same bytes on every board, CUDA or not. fork_rng puts the CPU generator back
+        afterwards (training seeds torch each round anyway)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = self._task.build_model().state_dict()
+        return codec.encode(state, self._model_name)
 
     def warm_up(self) -> None:
         """Pay torch's first-call costs (kernel selection, allocator growth) at start-up,

@@ -86,11 +86,14 @@ def test_model_file_holds_the_mnist_cnn(federation: tuple) -> None:
 
 
 def test_printed_lines_follow_the_reference_layout(federation: tuple) -> None:
-    """Two lines about the fleet, then the reference's layout, round by round."""
+    """Three lines about the fleet (whom it awaits, that it is ready, what it runs and
+    where the first weights came from), then the reference's layout, round by round."""
     _, lines, _ = federation
     expected = [
         r"Waiting up to 30s for 3 workers: alice at [\d.:]+, bob at [\d.:]+, charlie at [\d.:]+; evaluator at [\d.:]+",
         r"Fleet ready after \d+\.\d\ds: 3 of 3 workers and the evaluator",
+        r"Running task mnist, model mnist-cnn \(10 classes, digest [0-9a-f]{12}\); initial weights: worker alice, "
+        r"seed 1",
     ]
     expected += [pattern for number in range(1, ROUNDS + 1) for pattern in round_layout(number)]
     assert len(lines) == len(expected), lines

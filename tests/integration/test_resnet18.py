@@ -31,7 +31,8 @@ def test_one_resnet18_round_through_worker_and_evaluator(tiny_mnist: Path) -> No
         Python 3.11, whose Runner reprs the finished main task when it restores SIGINT."""
         async with worker_server(train_images, model=MODEL) as (_, worker_address), \
                 evaluator_server(test_images, model=MODEL) as evaluator_address:
-            worker = WorkerClient("alice", worker_address, MODEL, spec, chunk, stream.DEFAULT_MAX_PAYLOAD_BYTES)
+            worker = WorkerClient("alice", worker_address, chunk)
+            worker.expect(MODEL, spec, stream.DEFAULT_MAX_PAYLOAD_BYTES)
             evaluator = EvaluatorClient(evaluator_address, chunk)
             try:
                 update = await worker.train(1, TrainConfig(batch_size=8, max_batches=1), Weights.of(initial, MODEL), 120)

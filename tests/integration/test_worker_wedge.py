@@ -90,8 +90,9 @@ def train_messages(config: TrainConfig, round_number: int = 1, run_id: str = "")
 
 def client(process: Process, run_id: str = "", metadata: Metadata = ()) -> WorkerClient:
     spec = codec.spec_of(build_model("mnist-cnn").state_dict())
-    return WorkerClient(process.name, process.address, "mnist-cnn", spec, 64 << 10, 8 << 20, metadata=metadata,
-                        run_id=run_id)
+    worker = WorkerClient(process.name, process.address, 64 << 10, metadata=metadata, run_id=run_id)
+    worker.expect("mnist-cnn", spec, 8 << 20)
+    return worker
 
 
 async def serving_status(channel: grpc.aio.Channel) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.settings import RunSettings
 from jetfed.config import TrainConfig
-from jetfed.errors import InvalidConfig, UnknownModel
+from jetfed.errors import InvalidConfig
 
 
 def settings(**changes):
@@ -69,7 +69,10 @@ def test_defaults_are_valid():
         ({"min_workers": 0}, "min_workers"),
         ({"round_retries": -1}, "round_retries"),
         ({"connect_timeout": math.inf}, "connect_timeout"),
-        ({"model": "lenet"}, "model"),
+        ({"model": ""}, "model"),
+        ({"task": " "}, "task"),
+        ({"task": "mnist\n"}, "task"),
+        ({"init_weights": Path("/nonexistent/init.safetensors")}, "init_weights"),
         ({"chunk_bytes": 0}, "chunk_bytes"),
         ({"train": TrainConfig(lr=0.0)}, "lr"),
     ],
@@ -80,6 +83,9 @@ def test_validated_names_the_bad_field(changes, field):
     assert str(caught.value).startswith(f"{field}: ")
 
 
-def test_unknown_model_is_an_unknown_model_error():
-    with pytest.raises(UnknownModel):
-        settings(model="lenet").validated()
+def test_task_and_model_names_are_the_fleets_business():
+    """The coordinator imports no task or model code: any name is valid here, and the
+    fleet's GetInfo decides at connect time (tests/integration/test_fleet_checks.py)."""
+    run = settings(task="tiny-digits", model="efficientnet_b0")
+    assert run.validated() is run
+    assert (settings().task, settings().model, settings().init_weights) == ("mnist", None, None)
