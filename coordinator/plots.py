@@ -188,7 +188,7 @@ def plot_recall(figure: Any, ax: Any, rounds: Sequence[Round], classes: Sequence
     title = "Recall of each class by the federated model"
     if last:
         worst = min(last, key=last.__getitem__)
-        title += f" (lowest at round {points[-1][0]}: {worst}, {last[worst]:.1f}%)"
+        title += f" (lowest at round {points[-1][0]}: class {worst}, {last[worst]:.1f}%)"
     ax.set(title=title, ylabel="recall")
     ax.grid(alpha=0.3)
     figure.legend(loc="outside right upper", fontsize="small", title="class", ncol=-(-len(classes) // 20))
