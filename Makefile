@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/seed_sweep.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(PY) bench/image_folder.py accuracy --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(PY) bench/image_folder.py memory --data-dir $(DATA)
+	$(PY) bench/shards.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf jetfed/v1 build *.egg-info .pytest_cache
