@@ -20,7 +20,7 @@ class WorkerCount:
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               WorkerCount: 'an integer or "all"'}
+               WorkerCount: 'an integer or "all"', dict: "a table, e.g. { image_size = 64 }"}
 
 _SECTIONS: Dict[str, Dict[str, type]] = {
     "federation": {"rounds": int, "eval_every": int, "task": str, "model": str, "init_weights": str, "seed": int,
@@ -35,8 +35,13 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
     },
     "transport": {"chunk_bytes": int, "max_payload_bytes": int},
 }
-_WORKER_KEYS = {"address": str, "labels": str}
-_EVALUATOR_KEYS = {"name": str, "address": str}
+# Keys besides `address` tell one launcher (`make run-local`) how to start each service:
+# its partition and data folder, and ([task]) the task's options; the coordinator never
+# reads them (boards get the same as flags).
+_WORKER_KEYS = {"address": str, "labels": str, "shard": str, "dirichlet": float, "partition_seed": int,
+                "data_dir": str}
+_EVALUATOR_KEYS = {"name": str, "address": str, "data_dir": str}
+_TASK_KEYS = {"options": dict, "data_dir": str}
 
 
 def _check(where: str, table: Any, allowed: Dict[str, type]) -> Dict[str, Any]:
@@ -69,6 +74,8 @@ def load_config(path: Path) -> Dict[str, Any]:
             values.update(_check(section, table, _SECTIONS[section]))
         elif section == "workers":
             values["worker"] = _workers(table)
+        elif section == "task":
+            _task_options(_check("task", table, _TASK_KEYS))
         elif section == "evaluator":
             evaluator = _check("evaluator", table, _EVALUATOR_KEYS)
             if "address" not in evaluator:
@@ -77,7 +84,7 @@ def load_config(path: Path) -> Dict[str, Any]:
         else:
             raise InvalidConfig(
                 f"config: unknown section [{section}]; known: "
-                + ", ".join(sorted([*_SECTIONS, "workers", "evaluator"]))
+                + ", ".join(sorted([*_SECTIONS, "task", "workers", "evaluator"]))
             )
     return values
 
@@ -105,8 +112,41 @@ def _workers(table: Any) -> List[Tuple[str, str]]:
     return workers
 
 
-def worker_labels(path: Path) -> Dict[str, str]:
-    """The `labels` each worker is started with where one launcher starts them all
-    (`make run-local`); the coordinator itself never needs them."""
+def _task_options(task: Dict[str, Any]) -> Dict[str, str]:
+    options = task.get("options", {})
+    for key, value in options.items():
+        if isinstance(value, (dict, list)):
+            raise InvalidConfig(f"config: [task] options.{key} must be a string or a number")
+    return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in options.items()}
+
+
+def service_flags(path: Path, data_dir: Path) -> Dict[str, List[str]]:
+    """The flags one launcher (`make run-local`) starts each worker and the evaluator
+    with, by name: the task ([federation] task and model), its [task] options, the data
+    folder (the service's `data_dir`, else [task]'s, else `data_dir`; relative paths
+    from the config's folder) and each worker's partition."""
     document = _read(path)
-    return {name: spec.get("labels", "all") for name, spec in document.get("workers", {}).items()}
+    federation = _check("federation", document.get("federation", {}), _SECTIONS["federation"])
+    task = _check("task", document.get("task", {}), _TASK_KEYS)
+    common = ["--task", federation.get("task", "mnist")]
+    if "model" in federation:
+        common += ["--model", federation["model"]]
+    for key, value in _task_options(task).items():
+        common += ["--option", f"{key}={value}"]
+
+    def folder(spec: Dict[str, Any]) -> str:
+        chosen = spec.get("data_dir", task.get("data_dir"))
+        return str(data_dir if chosen is None else (path.parent / Path(chosen).expanduser()))
+
+    flags: Dict[str, List[str]] = {}
+    for name, spec in document.get("workers", {}).items():
+        spec = _check(f"workers.{name}", spec, _WORKER_KEYS)
+        own = ["--labels", spec.get("labels", "all"), "--partition-seed", str(spec.get("partition_seed", 0))]
+        if "shard" in spec:
+            own += ["--shard", spec["shard"]]
+        if "dirichlet" in spec:
+            own += ["--dirichlet", str(spec["dirichlet"])]
+        flags[name] = [*common, "--data-dir", folder(spec), *own]
+    evaluator = _check("evaluator", document.get("evaluator", {}), _EVALUATOR_KEYS)
+    flags[evaluator.get("name", "testing")] = [*common, "--data-dir", folder(evaluator)]
+    return flags

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from coordinator.checkpoint import STATE_FILE
 from coordinator.cli import parse_args as coordinator_args
 from coordinator.cli import settings_from
-from coordinator.config_file import load_config, worker_labels
+from coordinator.config_file import load_config, service_flags
 from coordinator.settings import RunSettings
 from jetfed.data import how_to_get_mnist, missing_mnist_files, mnist_folders, parse_labels
 from jetfed.errors import JetfedError
@@ -77,12 +77,19 @@ def coordinator_settings(argv: List[str], wording: Wording, given: Dict[str, str
         raise Refused(f"the coordinator refuses its settings: {exc}" + (f" (set by {where})" if where else "")) from None
 
 
-def check_data(data_dir: Path, wording: Wording) -> None:
-    """All four MNIST files present; the services run with --no-download, so a missing
-    file would otherwise surface as a service's exit status after seconds of start-up."""
+def check_data(data_dir: Path, wording: Wording, task: str = "mnist") -> None:
+    """The data folder exists and, for the mnist task, holds all four MNIST files; the
+    services run with --no-download, so a missing file would otherwise surface as a
+    service's exit status after seconds of start-up. Other tasks check their own data
+    when they start."""
     setting = wording.name("DATA_DIR", "--data-dir")
     if not data_dir.is_dir():
         problem = f"{wording.setting('DATA_DIR', '--data-dir', data_dir)} is not a folder"
+        if task != "mnist":
+            raise Refused(f"{problem}: task {task} reads its data there (set data_dir in the config's [task], "
+                          f"[workers.NAME] or [evaluator], or {setting})")
+    elif task != "mnist":
+        return
     else:
         missing = missing_mnist_files(data_dir)
         if not missing:
@@ -211,24 +218,32 @@ def split_address(address: str) -> Tuple[str, int]:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A service run-local starts: where it listens and (workers) the labels it holds."""
+    """A service run-local starts: where it listens, and the flags that say its task,
+    data folder and (workers) partition."""
 
     name: str
     host: str
     port: int
-    labels: str = "all"
+    flags: Tuple[str, ...] = ()
+
+    def flag(self, name: str, default: str = "") -> str:
+        """The value of `name` in its flags (the last one given)."""
+        found = [self.flags[i + 1] for i, word in enumerate(self.flags[:-1]) if word == name]
+        return found[-1] if found else default
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
 
-def endpoints(config: Path, base_port: Optional[int], host: Optional[str]) -> Tuple[List[Endpoint], Endpoint]:
+def endpoints(
+    config: Path, base_port: Optional[int], host: Optional[str], data_dir: Path,
+) -> Tuple[List[Endpoint], Endpoint]:
     """Workers and evaluator as the config places them; --base-port/--host move them all."""
     values = load_config(config)
     if not values.get("worker") or not values.get("evaluator"):
         raise Refused(f"{config} needs [workers.NAME] tables and an [evaluator] for run-local to start")
-    labels = worker_labels(config)
+    flags = service_flags(config, data_dir)
     places = [(name, address) for name, address in values["worker"]]
     places.append(tuple(values["evaluator"].split("=", 1)))
     found = []
@@ -237,7 +252,7 @@ def endpoints(config: Path, base_port: Optional[int], host: Optional[str]) -> Tu
         if base_port is None and not port.isdigit():
             raise Refused(f"{config}: {name}'s address {address!r} is not HOST:PORT")
         found.append(Endpoint(name, host or config_host, base_port + index if base_port is not None else int(port),
-                              labels.get(name, "all")))
+                              tuple(flags.get(name, ()))))
     return found[:-1], found[-1]
 
 
@@ -258,7 +273,7 @@ class Plan:
     def coordinator_argv(self, pki: Optional[Path]) -> List[str]:
         """The coordinator's flags; the same list is validated before the start."""
         args = self.args
-        argv = ["--config", str(args.config), "--out", str(self.out), "--model", args.model,
+        argv = ["--config", str(args.config), "--out", str(self.out), *(["--model", args.model] if args.model else []),
                 *[f"--worker={w.name}={w.address}" for w in self.workers],
                 f"--evaluator={self.evaluator.name}={self.evaluator.address}", *tls_flags(pki, COORDINATOR)]
         if args.base_port is not None:
@@ -279,9 +294,10 @@ def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
                       "to continue one (exactly one of them)")
     config = wording.setting("CONFIG", "--config", args.config)
     try:
-        workers, evaluator = endpoints(args.config, args.base_port, args.host)
+        workers, evaluator = endpoints(args.config, args.base_port, args.host, args.data_dir)
         for worker in workers:
-            parse_labels(worker.labels)
+            if worker.flag("--task") == "mnist":
+                parse_labels(worker.flag("--labels", "all"))
     except JetfedError as exc:
         raise Refused(f"{config}: {exc}") from None
     ports = len(workers) + 2  # the services and the coordinator's status service
@@ -291,7 +307,8 @@ def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
     plan = Plan(args, extra, wording, workers, evaluator)
     # TLS files are made once the run folder exists; their flags are launcher-made.
     settings = coordinator_settings(plan.coordinator_argv(None), wording, setters(plan))
-    check_data(args.data_dir, wording)
+    for service in [*workers, evaluator]:
+        check_data(Path(service.flag("--data-dir", str(args.data_dir))), wording, service.flag("--task", "mnist"))
     check_out(plan.out, args.resume is not None, wording)
     check_ports(binds(plan, settings.status_address, settings.metrics_address))
     return plan

@@ -59,7 +59,7 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--metrics-address", metavar="HOST:PORT", help="the coordinator's Prometheus endpoint")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (3 workers share the cores)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluator")
-    parser.add_argument("--model", default="mnist-cnn")
+    parser.add_argument("--model", help="the task's model (default: the config's, else the task's own)")
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--tls", action="store_true",
                         help="provision a CA and certificates into OUT/pki and run everything over mutual TLS")
@@ -177,18 +177,18 @@ async def start_services(plan: Plan, fleet: Fleet, logs: Path, pki: Optional[Pat
     """Workers and evaluator, started together and awaited until all serve."""
     args = plan.args
     jetfed = [sys.executable, "-m", "jetfed.cli"]
-    common = ["--data-dir", str(args.data_dir), "--no-download", "--model", args.model]
+    common = ["--no-download", *(["--model", args.model] if args.model else [])]
     waits = []
     for worker in plan.workers:
         await fleet.start(worker.name, [
             *jetfed, "worker", "--name", worker.name, "--host", worker.host, "--port", str(worker.port),
-            "--labels", worker.labels, "--threads", str(args.threads), *common, *tls_flags(pki, worker.name)],
+            "--threads", str(args.threads), *worker.flags, *common, *tls_flags(pki, worker.name)],
             logs / f"{worker.name}.log")
         waits.append(wait_serving(fleet.services[-1], worker.address, args.start_timeout, pki))
     evaluator = plan.evaluator
     await fleet.start(evaluator.name, [
         *jetfed, "evaluator", "--name", evaluator.name, "--host", evaluator.host, "--port", str(evaluator.port),
-        "--threads", str(args.eval_threads), *common, *tls_flags(pki, evaluator.name)],
+        "--threads", str(args.eval_threads), *evaluator.flags, *common, *tls_flags(pki, evaluator.name)],
         logs / f"{evaluator.name}.log")
     waits.append(wait_serving(fleet.services[-1], evaluator.address, args.start_timeout, pki))
     await asyncio.gather(*waits)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli import parse_args, settings_from
-from coordinator.config_file import load_config, worker_labels
+from coordinator.config_file import load_config, service_flags
 from jetfed.errors import InvalidConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federation.toml"
@@ -17,7 +17,42 @@ def test_example_config_describes_the_reference_federation():
     assert settings.evaluator == "127.0.0.1:8780"
     assert (settings.rounds, settings.eval_every, settings.model) == (40, 10, "mnist-cnn")
     assert (settings.train.lr, settings.train.batch_size, settings.train.max_batches) == (0.1, 32, 10)
-    assert worker_labels(EXAMPLE) == {"alice": "0-3", "bob": "4-6", "charlie": "7-9"}
+    flags = service_flags(EXAMPLE, Path("/data"))
+    assert flags["alice"] == ["--task", "mnist", "--model", "mnist-cnn", "--data-dir", "/data", "--labels", "0-3",
+                              "--partition-seed", "0"]
+    assert flags["testing"] == ["--task", "mnist", "--model", "mnist-cnn", "--data-dir", "/data"]
+
+
+def test_a_launcher_starts_services_with_the_task_options_folders_and_partitions(tmp_path: Path):
+    config = tmp_path / "federation.toml"
+    config.write_text('''
+[federation]
+task = "image-folder"
+[task]
+options = { image_size = 28, channels = 1, classes = "0,1,2" }
+data_dir = "images"
+[workers.a]
+address = "127.0.0.1:1"
+shard = "1/2"
+dirichlet = 0.5
+partition_seed = 3
+[workers.b]
+address = "127.0.0.1:2"
+data_dir = "/boards/b"
+[evaluator]
+address = "127.0.0.1:3"
+data_dir = "test-images"
+''')
+    load_config(config)  # the coordinator accepts (and ignores) the launcher's keys
+    flags = service_flags(config, Path("/data"))
+    options = ["--option", "image_size=28", "--option", "channels=1", "--option", "classes=0,1,2"]
+    assert flags["a"] == ["--task", "image-folder", *options, "--data-dir", str(tmp_path / "images"), "--labels",
+                          "all", "--partition-seed", "3", "--shard", "1/2", "--dirichlet", "0.5"]
+    assert flags["b"][flags["b"].index("--data-dir") + 1] == "/boards/b"
+    assert flags["testing"] == ["--task", "image-folder", *options, "--data-dir", str(tmp_path / "test-images")]
+    config.write_text("[task]\noptions = { a = [1] }\n")
+    with pytest.raises(InvalidConfig, match="options.a must be a string or a number"):
+        load_config(config)
 
 
 def test_flags_override_the_file():
