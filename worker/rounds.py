@@ -89,8 +89,9 @@ class RunLedger:
     """The run this worker serves, so two coordinators driving it at once are told.
 
     A run counts as going on while a Train of it is in progress and, after one ends,
-    while its next is due: within twice the interval between its last two Trains
-    (twice its only Train's duration before that), at most MAX_RUN_HOLD_S. A Train from
+    while its next is due: within twice the longest interval between two of its Trains
+    so far (an evaluation round is slower than a training one; twice its only Train's
+    duration before that), at most MAX_RUN_HOLD_S. A Train from
     another run inside that window is refused (FAILED_PRECONDITION naming both runs)
     rather than logged: the second coordinator's run fails with a message that says
     what is wrong, and the first goes on untouched. A run that has really ended
@@ -132,7 +133,7 @@ class RunLedger:
             return
         now = self._clock()
         if run_id == self._run and self._started is not None:
-            self._interval = now - self._started
+            self._interval = max(self._interval or 0.0, now - self._started)
         else:
             log.info("worker=%s serving run=%s peer=%s previous_run=%s", self._worker, echo(run_id), peer,
                      echo(self._run) or "-")

@@ -106,6 +106,18 @@ def test_another_run_waits_twice_the_first_runs_pace():
     ledger.check("run-b")
 
 
+def test_a_slow_evaluation_round_keeps_the_hold_after_fast_rounds():
+    clock = Clock()
+    # Fast rounds every 2 s, one 8 s gap (an evaluation round), then fast again: the
+    # hold follows the slowest gap, so the next evaluation round does not lapse it.
+    ledger = ledger_after([0.0, 2.0, 10.0, 12.0, 14.0], clock)
+    clock.now = 100.0 + 15.0 + 15.9
+    with pytest.raises(RunConflict, match="due again within 16.0s"):
+        ledger.check("run-b")
+    clock.now = 100.0 + 15.0 + 16.0
+    ledger.check("run-b")
+
+
 def test_with_one_train_the_hold_is_twice_its_duration():
     clock = Clock()
     ledger = ledger_after([0.0], clock)
