@@ -7,6 +7,7 @@ The state file names the model file and its SHA-256; the model file carries its 
 in its name, so the two can never be paired wrongly. The state file also carries the
 round's metrics record: it is written before metrics.jsonl, so a crash between the two
 leaves a record that --resume puts back, never a metrics line without its checkpoint.
+And it carries the run's id, so a resumed run is the same run to the workers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jetfed.codec import StateDict
 from jetfed.errors import JetfedError
 
 STATE_FILE = "state.json"
+MAX_RUN_ID_CHARS = 128  # the longest run id a worker accepts in a Train header
 
 
 class CheckpointError(JetfedError):
@@ -38,6 +40,8 @@ class Checkpoint:
     run: Dict[str, Any]
     # The round's metrics.jsonl record; None in checkpoints written before it was kept.
     record: Optional[Dict[str, Any]] = None
+    # The run's id (see Federation.run_id); None in checkpoints written before it was kept.
+    run_id: Optional[str] = None
 
 
 def sync_directory(folder: Path) -> None:
@@ -71,14 +75,17 @@ def write_model(path: Path, state: StateDict, model: str, round_number: int) -> 
 
 def save(
     folder: Path, round_number: int, state: StateDict, model: str, run: Dict[str, Any], record: Dict[str, Any],
+    run_id: Optional[str] = None,
 ) -> Path:
     """Checkpoint a completed round: its model, then the state file naming it (the commit
-    point), then the older models go."""
+    point), then the older models go. `run_id` sits beside `run`, not in it: `run` is
+    what a resumption must match, the id is what it takes over."""
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / f"global-{round_number:06d}.safetensors"
     write_model(model_path, state, model, round_number)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    saved = {"round": round_number, "model_file": model_path.name, "sha256": digest, "run": run, "record": record}
+    saved = {"round": round_number, "model_file": model_path.name, "sha256": digest, "run": run, "record": record,
+             "run_id": run_id or None}
     write_atomically(folder / STATE_FILE, json.dumps(saved, indent=2, sort_keys=True).encode())
     for old in folder.glob("global-*.safetensors"):
         if old != model_path:
@@ -108,4 +115,9 @@ def load(folder: Path) -> Optional[Checkpoint]:
         raise CheckpointError(f"checkpoint {state_path}: unreadable: {exc}") from exc
     if digest != record["sha256"]:
         raise CheckpointError(f"checkpoint {model_path}: sha256 {digest} does not match {state_path}")
-    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"], record.get("record"))
+    run_id = record.get("run_id")
+    if run_id is not None and not (isinstance(run_id, str) and run_id.isprintable() and
+                                   0 < len(run_id) <= MAX_RUN_ID_CHARS):
+        raise CheckpointError(f"checkpoint {state_path}: run_id must be 1 to {MAX_RUN_ID_CHARS} printable characters, "
+                              f"not {run_id!r:.80}")
+    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"], record.get("record"), run_id)

@@ -217,6 +217,13 @@ class WorkerClient:
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
         )
 
+    async def end_run(self, timeout: float) -> bool:
+        """Tell the worker this run has ended, so it serves the next run at once; True if
+        it was freed. Never waits for a worker that is down: the run is over."""
+        reply = await self._stub.EndRun(worker_pb2.EndRunRequest(run_id=self.run_id), timeout=timeout,
+                                        wait_for_ready=False, metadata=self._metadata)
+        return reply.released
+
     async def close(self) -> None:
         await self._channel.close()
 

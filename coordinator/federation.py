@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -27,7 +28,7 @@ from jetfed import codec, stream, tls
 from jetfed.auth import bearer_metadata
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
-from jetfed.errors import JetfedError
+from jetfed.errors import JetfedError, RunConflict
 from jetfed.telemetry import RunTelemetry
 from jetfed.v1 import info_pb2
 
@@ -43,6 +44,9 @@ _CONCURRENT_EVALUATIONS = 4
 # How long the evaluator may delay the start once the workers have answered: services
 # started together come up within seconds of each other; one still silent is down.
 _EVALUATOR_GRACE_S = 5.0
+# How long a run's end waits for each worker's EndRun: a worker that does not answer at
+# once frees itself anyway, within twice the run's round interval.
+_END_RUN_TIMEOUT_S = 1.0
 _UNREACHABLE_HINT = (
     "Likely causes: the worker is not started (or crashed: see its log or `systemctl status jetfed-worker@NAME`); "
     "a wrong host or port (compare with the 'listening on' line of its log); a firewall between the machines; "
@@ -69,6 +73,12 @@ class RunSummary:
     never_contributed: List[str] = field(default_factory=list)
 
 
+def refused_by_another_run(reason: str) -> bool:
+    """Whether a worker's failure, as describe_failure wrote it, is its refusal to serve
+    this run while another coordinator's run holds it (RunConflict on the wire)."""
+    return reason.startswith(f"{RunConflict.code.name}: ") and RunConflict.MARKER in reason
+
+
 class Federation:
     def __init__(
         self, settings: RunSettings, say: Say = print, board: Optional[RunBoard] = None,
@@ -86,9 +96,11 @@ class Federation:
         if credentials is None:
             tls.warn_plaintext(log, "the coordinator's calls to the fleet")
         metadata = bearer_metadata(settings.token)
+        # A fresh run's id; --resume puts back the one its checkpoint holds (run_id).
+        self._run_id = secrets.token_hex(8)
         self.workers = {
             name: WorkerClient(name, address, settings.chunk_bytes, credentials=credentials, metadata=metadata,
-                               telemetry=self.telemetry)
+                               telemetry=self.telemetry, run_id=self._run_id)
             for name, address in settings.workers.items()
         }
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
@@ -127,6 +139,19 @@ class Federation:
         assert path is not None
         state = initial_weights.read_file(path, self.settings.max_payload_bytes or MAX_PAYLOAD_BYTES)
         self._start = Start(state, f"{initial_weights.SETTING} {path}")
+
+    @property
+    def run_id(self) -> str:
+        """The id every Train of this run carries, so a worker that another coordinator's
+        run holds refuses it (and this run's workers refuse the other); kept in the
+        checkpoint, so a resumed run is the same run to the workers."""
+        return self._run_id
+
+    @run_id.setter
+    def run_id(self, run_id: str) -> None:
+        self._run_id = run_id
+        for worker in self.workers.values():
+            worker.run_id = run_id
 
     async def connect(self) -> None:
         """Wait up to --connect-timeout for the fleet, saying at once whom it awaits and,
@@ -330,6 +355,17 @@ class Federation:
             record["failed"].pop(update.worker, None)
         return updates, norms
 
+    def _missed_quorum(self, round_number: int, updates: int, failed: Dict[str, str]) -> str:
+        """Why the round failed. When every worker that failed refused this run because
+        another coordinator's run holds it, that is the news, not the quorum: each
+        refusal names both runs. `failed` is the last attempt's, which asked everyone."""
+        settings = self.settings
+        if failed and all(refused_by_another_run(reason) for reason in failed.values()):
+            return (f"round {round_number}: another coordinator is driving these workers, and they refuse this run "
+                    f"(run {self._run_id}): " + "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
+        return (f"round {round_number}: {updates} updates after {settings.round_retries + 1} attempts, "
+                f"the quorum is {settings.quorum}: {failed}")
+
     def _screen(self, arrived: List[Update], config: TrainConfig) -> Tuple[Dict[str, str], Dict[str, float]]:
         """Why each update claiming an impossible example count is dropped, and the
         delta norm of each of the others."""
@@ -382,10 +418,7 @@ class Federation:
                             round_number, attempt, len(updates), settings.quorum, pause)
                 await asyncio.sleep(pause)
         else:
-            raise RunFailed(
-                f"round {round_number}: {len(updates)} updates after {settings.round_retries + 1} attempts, "
-                f"the quorum is {settings.quorum}: {record['failed']}"
-            )
+            raise RunFailed(self._missed_quorum(round_number, len(updates), record["failed"]))
         states, clipped = screening.clip_to_bound({u.worker: u.weights.state for u in updates},
                                                   self.global_weights.state, norms, settings.max_norm_ratio)
         for name, note in clipped.items():
@@ -433,6 +466,21 @@ class Federation:
         self.telemetry.set_evaluation(self.board.round, {key: s.metrics for key, s in scored.items()})
         return scored
 
+    async def _end_run(self) -> None:
+        """EndRun on every worker at once, each within _END_RUN_TIMEOUT_S; a worker that is
+        down, or too old to know EndRun (UNIMPLEMENTED), is only noted: it frees itself
+        within twice the round interval."""
+        names = list(self.workers)
+        results = await asyncio.gather(*(self.workers[n].end_run(_END_RUN_TIMEOUT_S) for n in names),
+                                       return_exceptions=True)
+        freed = []
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException):
+                log.debug("run=%s worker=%s end of run not delivered: %s", self._run_id, name, describe_failure(result))
+            elif result:
+                freed.append(name)
+        log.info("run=%s ended; workers freed: %s", self._run_id, ", ".join(freed) or "none")
+
     async def _evaluate(self, key: str, weights: Weights, timeout: float, limit: asyncio.Semaphore) -> Score:
         assert self.evaluator is not None
         async with limit:
@@ -442,6 +490,10 @@ class Federation:
         return score
 
     async def close(self) -> None:
+        """End the run on every worker, then close the channels. Called however the run
+        ends (finished, failed, stopped by a signal): a failed run frees the fleet too."""
+        if self._run_id:
+            await self._end_run()
         for worker in self.workers.values():
             await worker.close()
         if self.evaluator:

@@ -44,7 +44,8 @@ def run_identity(settings: RunSettings, model: str) -> Dict[str, Any]:
 
 
 def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
-    """1, or the round after the checkpoint when resuming (its model restored)."""
+    """1, or the round after the checkpoint when resuming (its model and run id
+    restored: to the workers it is the same run, never refused as a second one)."""
     folder = settings.out_dir / "checkpoint"
     metrics = settings.out_dir / "metrics.jsonl"
     saved = checkpoint.load(folder)
@@ -73,6 +74,11 @@ def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
         raise RunFailed(f"resume: --model {settings.model}, but the run in {folder} trains {model}; resume it "
                         f"without --model, or with --model {model}")
     federation.restore(saved.state, model, saved.round)
+    if saved.run_id is not None:
+        federation.run_id = saved.run_id
+    else:
+        log.warning("resume: the checkpoint in %s holds no run id (written before run ids were kept); this run is "
+                    "now run=%s", folder, federation.run_id)
     _rewrite(metrics, text, _agree(lines, saved.round, saved.record))
     say(f"Resuming after round {saved.round}/{settings.rounds}")
     return saved.round + 1

@@ -106,6 +106,8 @@ async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunT
         if first == 1 and settings.init_weights is not None:
             federation.start_from_file()
         board.first_round = first
+        log.info("run=%s out=%s first_round=%d%s", federation.run_id, settings.out_dir, first,
+                 " resumed" if first > 1 else "")
         return await _rounds(settings, federation, metrics, first)
     except BaseException as exc:
         board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
@@ -126,7 +128,7 @@ def _commit(settings: RunSettings, federation: Federation, metrics: report.Metri
     number, folder = record["round"], settings.out_dir / "checkpoint"
     with _writing(folder, f"free space, then --resume runs round {number} again"):
         checkpoint.save(folder, number, federation.global_weights.state, federation.model,
-                        resume.run_identity(settings, federation.model), record)
+                        resume.run_identity(settings, federation.model), record, run_id=federation.run_id)
     with _writing(metrics.path, f"free space, then --resume takes round {number}'s record from its checkpoint"):
         metrics.write(record)
 

@@ -91,3 +91,6 @@ class RunConflict(JetfedError):
     """A Train from another run while the worker still serves the run it has been serving."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    # Every refusal's details begin with this, so a coordinator tells it on the wire from
+    # the other FAILED_PRECONDITIONs (another model's weights) without a status of its own.
+    MARKER = "two coordinators are driving"

@@ -89,14 +89,16 @@ class RunLedger:
     """The run this worker serves, so two coordinators driving it at once are told.
 
     A run counts as going on while a Train of it is in progress and, after one ends,
-    while its next is due: within twice the interval between its last two Trains
-    (twice its only Train's duration before that), at most MAX_RUN_HOLD_S. A Train from
+    while its next is due: within twice the longest interval between two of its Trains
+    so far (an evaluation round is slower than a training one; twice its only Train's
+    duration before that), at most MAX_RUN_HOLD_S. A Train from
     another run inside that window is refused (FAILED_PRECONDITION naming both runs)
-    rather than logged: the second coordinator's run fails at once with a message that
-    says what is wrong, and the first goes on untouched. A run that has really ended
+    rather than logged: the second coordinator's run fails with a message that says
+    what is wrong, and the first goes on untouched. A run that has really ended
     frees the worker within seconds, so a new run (or a resumed one, which keeps its
-    id) is not held up. A Train without a run id (a coordinator that does not send one)
-    is neither refused nor recorded."""
+    id) is not held up; one its coordinator ends (EndRun) frees it at once. A Train
+    without a run id (a coordinator that does not send one) is neither refused nor
+    recorded."""
 
     def __init__(self, worker: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._worker = worker
@@ -106,11 +108,12 @@ class RunLedger:
         self._started: Optional[float] = None
         self._ended: Optional[float] = None
         self._interval: Optional[float] = None
+        # Its coordinator ended the run while a Train of it was in progress.
+        self._ending = False
 
     def check(self, run_id: str) -> None:
         """Refuse `run_id` while another run goes on; the id must be short."""
-        if len(run_id) > MAX_RUN_ID_CHARS:
-            raise InvalidConfig(f"run_id: {len(run_id)} characters, at most {MAX_RUN_ID_CHARS}")
+        _require_short(run_id)
         if not run_id or not self._run or run_id == self._run:
             return
         if self._ended is None:
@@ -121,9 +124,8 @@ class RunLedger:
                 return
             since = f"ended its last Train {idle:.1f}s ago and is due again within {self._hold():.1f}s"
         raise RunConflict(
-            f"worker {self._worker} serves run {echo(self._run)} (from {self._peer}), which {since}; this Train is "
-            f"from run {echo(run_id)}: two coordinators are driving this worker; stop one, or retry once the "
-            "other's run has ended"
+            f"{RunConflict.MARKER} worker {self._worker}: it serves run {echo(self._run)} (from {self._peer}), which "
+            f"{since}; this Train is from run {echo(run_id)}; stop one, or retry once the other's run has ended"
         )
 
     def started(self, run_id: str, peer: str) -> None:
@@ -131,18 +133,51 @@ class RunLedger:
             return
         now = self._clock()
         if run_id == self._run and self._started is not None:
-            self._interval = now - self._started
+            self._interval = max(self._interval or 0.0, now - self._started)
         else:
             log.info("worker=%s serving run=%s peer=%s previous_run=%s", self._worker, echo(run_id), peer,
                      echo(self._run) or "-")
             self._run, self._interval = run_id, None
-        self._peer, self._started, self._ended = peer, now, None
+        self._peer, self._started, self._ended, self._ending = peer, now, None, False
 
     def ended(self, run_id: str) -> None:
-        if run_id and run_id == self._run:
-            self._ended = self._clock()
+        if not run_id or run_id != self._run:
+            return
+        self._ended = self._clock()
+        if self._ending:
+            self._free("its Train in progress at the end of the run has ended")
+
+    def release(self, run_id: str) -> bool:
+        """Free the worker of `run_id`, whose coordinator says it has ended, so the next
+        run need not wait out the hold; True if this call freed it. Another run's id
+        (or one never seen) changes nothing: only the run's own coordinator knows its
+        id. With a Train of it still in progress (a call the coordinator has just
+        cancelled, whose end the worker has not yet seen) the worker is freed when that
+        Train ends, never under it."""
+        _require_short(run_id)
+        if not run_id or run_id != self._run:
+            log.info("worker=%s end of run=%s ignored: serving run=%s", self._worker, echo(run_id) or "-",
+                     echo(self._run) or "-")
+            return False
+        if self._ended is None:
+            self._ending = True
+            log.info("worker=%s run=%s ends once its Train in progress ends", self._worker, echo(run_id))
+            return False
+        self._free("its coordinator ended it")
+        return True
+
+    def _free(self, why: str) -> None:
+        log.info("worker=%s released run=%s: %s", self._worker, echo(self._run), why)
+        self._run, self._peer, self._ending = "", "", False
+        self._started = self._ended = self._interval = None
 
     def _hold(self) -> float:
         assert self._started is not None and self._ended is not None
         pace = self._interval if self._interval is not None else self._ended - self._started
         return min(2 * pace, MAX_RUN_HOLD_S)
+
+
+def _require_short(run_id: str) -> None:
+    """A run id is an opaque token, not a payload: refuse one that would bloat logs."""
+    if len(run_id) > MAX_RUN_ID_CHARS:
+        raise InvalidConfig(f"run_id: {len(run_id)} characters, at most {MAX_RUN_ID_CHARS}")

@@ -99,6 +99,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if not held.outlives_call:
                     self._training.release(held)
 
+    async def EndRun(self, request: worker_pb2.EndRunRequest, context: grpc.aio.ServicerContext) -> worker_pb2.EndRunResponse:
+        """A coordinator whose run has ended frees the worker for the next run at once.
+        Coordinator-only like Train (jetfed.auth guards every method but GetInfo)."""
+        async with rpc_status(context, "EndRun"):
+            return worker_pb2.EndRunResponse(released=self._runs.release(request.run_id))
+
     async def _receive(
         self, requests: AsyncIterator[worker_pb2.TrainRequest], context: grpc.aio.ServicerContext,
     ) -> Tuple[Round, Any, codec.Manifest, bytes]:

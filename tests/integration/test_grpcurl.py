@@ -39,6 +39,7 @@ def test_describe_worker_shows_its_rpcs(grpcurl: str, fleet: Fleet) -> None:
     assert re.search(r"rpc Train \( stream \.jetfed\.v1\.TrainRequest \) returns \( stream \.jetfed\.v1\.TrainResponse \)", text), text
     assert re.search(r"rpc Evaluate \( stream \.jetfed\.v1\.EvaluateRequest \) returns \( \.jetfed\.v1\.EvaluateResponse \)", text), text
     assert re.search(r"rpc GetInfo \( \.jetfed\.v1\.GetInfoRequest \) returns \( \.jetfed\.v1\.GetInfoResponse \)", text), text
+    assert re.search(r"rpc EndRun \( \.jetfed\.v1\.EndRunRequest \) returns \( \.jetfed\.v1\.EndRunResponse \)", text), text
 
 
 def test_describe_train_header_shows_its_fields(grpcurl: str, fleet: Fleet) -> None:

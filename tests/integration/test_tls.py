@@ -38,6 +38,9 @@ class Worker(worker_pb2_grpc.WorkerServicer):
             pass
         yield worker_pb2.TrainResponse(result=worker_pb2.TrainResult(round=1, worker="alice"))
 
+    async def EndRun(self, request, context):
+        return worker_pb2.EndRunResponse(released=True)
+
 
 def echo_handler(ran: List[str]) -> grpc.GenericRpcHandler:
     """Raw-bytes methods of every kind; `ran` records which ones were let through."""
@@ -330,7 +333,26 @@ def test_protected_names_are_checked():
         CallerAuthorization({"jetfed.v1.Worker/Train"}, {"coordinator"})
     with pytest.raises(ValueError, match="empty token"):
         CallerAuthorization(PROTECTED, {"coordinator"}, "")
-    assert service_methods(WORKER_SERVICE) == {"/jetfed.v1.Worker/Train", "/jetfed.v1.Worker/Evaluate"}
+    assert service_methods(WORKER_SERVICE) == {
+        "/jetfed.v1.Worker/Train", "/jetfed.v1.Worker/Evaluate", "/jetfed.v1.Worker/EndRun",
+    }
+
+
+@pytest.mark.parametrize("node,expected", [("coord", True), ("alice", grpc.StatusCode.PERMISSION_DENIED),
+                                           ("testing", grpc.StatusCode.PERMISSION_DENIED)])
+def test_only_the_coordinator_may_end_a_run(fed: Path, node: str, expected):
+    """Another node must not free a worker that a run holds."""
+    async def scenario():
+        async with server(mtls(fed)) as (address, _):
+            async with channel(address, as_node(fed, node)) as ch:
+                try:
+                    reply = await worker_pb2_grpc.WorkerStub(ch).EndRun(worker_pb2.EndRunRequest(run_id="r"),
+                                                                        timeout=TIMEOUT)
+                except grpc.aio.AioRpcError as refused:
+                    return refused.code()
+                return reply.released
+
+    assert asyncio.run(scenario()) == expected
 
 
 @pytest.mark.parametrize("given,match", [

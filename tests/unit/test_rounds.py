@@ -9,8 +9,9 @@ from typing import List
 import pytest
 import torch
 
+from coordinator.federation import describe_failure, refused_by_another_run
 from jetfed.config import TrainConfig, work_limit
-from jetfed.errors import InvalidConfig, RunConflict, TrainingStopped, WorkerBusy
+from jetfed.errors import InvalidConfig, ManifestMismatch, RunConflict, TrainingStopped, WorkerBusy
 from jetfed.models import build_model
 from jetfed.training import DeviceData, train_round
 from worker.rounds import MAX_RUN_HOLD_S, RunLedger, TrainingSlot
@@ -105,6 +106,18 @@ def test_another_run_waits_twice_the_first_runs_pace():
     ledger.check("run-b")
 
 
+def test_a_slow_evaluation_round_keeps_the_hold_after_fast_rounds():
+    clock = Clock()
+    # Fast rounds every 2 s, one 8 s gap (an evaluation round), then fast again: the
+    # hold follows the slowest gap, so the next evaluation round does not lapse it.
+    ledger = ledger_after([0.0, 2.0, 10.0, 12.0, 14.0], clock)
+    clock.now = 100.0 + 15.0 + 15.9
+    with pytest.raises(RunConflict, match="due again within 16.0s"):
+        ledger.check("run-b")
+    clock.now = 100.0 + 15.0 + 16.0
+    ledger.check("run-b")
+
+
 def test_with_one_train_the_hold_is_twice_its_duration():
     clock = Clock()
     ledger = ledger_after([0.0], clock)
@@ -137,6 +150,68 @@ def test_a_train_without_run_id_is_never_refused_nor_recorded():
 def test_a_long_run_id_is_refused():
     with pytest.raises(InvalidConfig, match="run_id: 129 characters"):
         RunLedger("alice").check("x" * 129)
+
+
+def test_an_ended_run_frees_the_worker_at_once():
+    clock = Clock()
+    ledger = ledger_after([0.0, 5.0], clock)
+    with pytest.raises(RunConflict):
+        ledger.check("run-b")
+    assert ledger.release("run-a")
+    ledger.check("run-b")
+    ledger.started("run-b", "ipv4:10.0.0.2:5000")
+    with pytest.raises(RunConflict, match="run-b"):
+        ledger.check("run-a")
+
+
+def test_only_the_served_run_can_be_ended():
+    clock = Clock()
+    ledger = ledger_after([0.0], clock)
+    assert not ledger.release("run-b")
+    assert not ledger.release("")
+    assert not RunLedger("alice", clock).release("run-a")
+    with pytest.raises(RunConflict):
+        ledger.check("run-b")
+
+
+def test_a_run_ended_during_its_train_is_freed_when_that_train_ends():
+    """Its coordinator cancelled the call and said EndRun before the worker saw the cancel."""
+    clock = Clock()
+    ledger = ledger_after([0.0, 5.0], clock)
+    ledger.started("run-a", "ipv4:10.0.0.1:5000")
+    assert not ledger.release("run-a")
+    with pytest.raises(RunConflict, match="in progress"):
+        ledger.check("run-b")
+    ledger.ended("run-a")
+    ledger.check("run-b")
+
+
+def test_a_freed_run_that_trains_again_holds_the_worker_again():
+    clock = Clock()
+    ledger = ledger_after([0.0], clock)
+    ledger.started("run-a", "ipv4:10.0.0.1:5000")
+    ledger.release("run-a")
+    ledger.ended("run-a")
+    ledger.started("run-a", "ipv4:10.0.0.1:5000")
+    clock.now += 1.0
+    ledger.ended("run-a")
+    with pytest.raises(RunConflict):
+        ledger.check("run-b")
+
+
+def test_ending_a_run_refuses_a_long_id():
+    with pytest.raises(InvalidConfig, match="run_id: 129 characters"):
+        RunLedger("alice").release("x" * 129)
+
+
+def test_the_coordinator_tells_a_run_conflict_from_other_preconditions():
+    ledger = ledger_after([0.0], Clock())
+    with pytest.raises(RunConflict) as refused:
+        ledger.check("run-b")
+    assert str(refused.value).startswith(RunConflict.MARKER)
+    assert refused_by_another_run(describe_failure(refused.value))
+    assert not refused_by_another_run(describe_failure(ManifestMismatch("weights of another model")))
+    assert not refused_by_another_run(f"ABORTED: {RunConflict.MARKER}")
 
 
 def test_training_stops_at_the_next_batch_once_told():
