@@ -106,9 +106,21 @@ class Services:
                 popen.kill()
 
 
-def federation(workers: Dict[str, List[str]], evaluator: List[str], rounds: int, out: Path) -> dict:
+def run_logged(argv: List[str], log: Path) -> None:
+    """Run the coordinator; a failure ends the bench with its last lines (the scratch
+    folder and its logs go with it)."""
+    with log.open("wb") as handle:
+        code = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"coordinator exited {code}; its last lines:\n{tail}")
+
+
+def federation(workers: Dict[str, List[str]], evaluator: List[str], rounds: int, out: Path,
+               task: str = "mnist") -> dict:
     """The reference federation (run-local's config and threads) with each service's
-    own data and task flags; the figures come from the run's metrics.jsonl."""
+    own data and task flags (`task` is what the coordinator requires of them); the
+    figures come from the run's metrics.jsonl."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     services = Services(logs)
@@ -121,11 +133,11 @@ def federation(workers: Dict[str, List[str]], evaluator: List[str], rounds: int,
                                                                 "--threads", str(os.cpu_count() or 1), *evaluator))
         services.wait_serving(addresses)
         ready = time.perf_counter() - started
-        argv = jetfed("coordinator", "--config", str(CONFIG), "--out", str(out), "--rounds", str(rounds),
+        argv = jetfed("coordinator", "--config", str(CONFIG), "--task", task, "--out", str(out),
+                      "--rounds", str(rounds),
                       "--evaluator", f"testing={addresses.pop('testing')}", "--status-address",
                       f"{HOST}:{free_port()}", *[f"--worker={name}={address}" for name, address in addresses.items()])
-        with (logs / "coordinator.log").open("wb") as log:
-            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=True)
+        run_logged(argv, logs / "coordinator.log")
     finally:
         services.stop()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -151,7 +163,7 @@ def accuracy(args: argparse.Namespace, scratch: Path) -> None:
     task = ["--task", "image-folder", *AS_MNIST, "--option", f"loader_workers={args.loader_workers}"]
     results["image-folder"] = federation(
         {name: ["--data-dir", str(folders / name), *task] for name in BOARDS},
-        ["--data-dir", str(folders / "evaluator"), *task], args.rounds, scratch / "image-folder")
+        ["--data-dir", str(folders / "evaluator"), *task], args.rounds, scratch / "image-folder", task="image-folder")
     summary = {"bench": "image_folder.accuracy", "rounds": args.rounds, "loader_workers": args.loader_workers,
                "folders_write_s": round(write_s, 1), **results}
     if "mnist" in results:
@@ -229,10 +241,10 @@ def memory(args: argparse.Namespace, scratch: Path) -> None:
         services.wait_serving({"all": address})
         serving_kb = proc_kb(pid, "VmRSS")
         started = time.perf_counter()
-        argv = jetfed("coordinator", "--worker", f"all={address}", "--out", str(scratch / "memory-run"),
+        argv = jetfed("coordinator", "--task", "image-folder", "--worker", f"all={address}",
+                      "--out", str(scratch / "memory-run"),
                       "--rounds", str(args.rounds), "--batches", "0", "--round-timeout", "1800", "--seed", "1")
-        with (logs / "coordinator.log").open("wb") as log:
-            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=True)
+        run_logged(argv, logs / "coordinator.log")
         rounds_s = time.perf_counter() - started
         sampler.done.set()
         sampler.join()

@@ -97,7 +97,7 @@ def image_fleet(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def test_a_federation_over_png_folders_learns(image_fleet: Fleet, tmp_path: Path) -> None:
     args = ["coordinator", "--evaluator", f"testing={image_fleet.evaluator.address}", "--out", str(tmp_path),
-            "--model", "mnist-cnn", "--rounds", "2", "--eval-every", "1", "--seed", "1", "--connect-timeout", "60"]
+            "--task", "image-folder", "--model", "mnist-cnn", "--rounds", "2", "--eval-every", "1", "--seed", "1", "--connect-timeout", "60"]
     args += [f"--worker={name}={process.address}" for name, process in image_fleet.workers.items()]
     done = subprocess.run(jetfed_command(*args), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
