@@ -132,7 +132,9 @@ def test_end_run_frees_the_worker_before_the_hold_runs_out(worker: Process) -> N
     weights = Weights.of(build_model("mnist-cnn").state_dict(), "mnist-cnn")
 
     def client(run_id: str) -> WorkerClient:
-        return WorkerClient("alice", worker.address, "mnist-cnn", spec, 64 << 10, 8 << 20, run_id=run_id)
+        made = WorkerClient("alice", worker.address, 64 << 10, run_id=run_id)
+        made.expect("mnist-cnn", spec, 8 << 20)
+        return made
 
     async def scenario() -> None:
         first, second, stranger = client("run-slow"), client("run-next"), client("x" * 129)
