@@ -71,7 +71,7 @@ def test_pyproject_reads_the_shared_lists_and_torch_is_an_extra() -> None:
     assert {"dependencies", "optional-dependencies"} <= set(project["dynamic"])
     files = dynamic_files()
     assert files["dependencies"] == [RUNTIME]
-    assert sorted(normalize(r.name) for r in requirements(files["torch"][0])) == ["torch", "torchvision"]
+    assert sorted(normalize(r.name) for r in requirements(files["torch"][0])) == ["pillow", "torch", "torchvision"]
     assert not {"torch", "torchvision"} & {normalize(r.name) for r in requirements(RUNTIME)}
     dev = (REPO / "requirements" / "dev.txt").read_text()
     for path in {p for paths in files.values() for p in paths}:
