@@ -17,12 +17,14 @@ asks for it (`loader_workers` processes, or the torch thread itself with 0), so 
 with 100,000 images holds their paths, not their pixels. Values equal the mnist task's
 for the same 8-bit pixels: ToTensor divides by 255, then Normalize.
 
-loader_workers defaults to 0, measured on a 2-core machine without a GPU with the
-reference recipe over MNIST PNGs (bench/image_folder.py): 0 processes, 2.66 s a round
-and 16 s to start the fleet; 2 a worker, 2.05 s a round (the evaluator's 10,000
-images decode faster) but 43 s to start and every loader process another ~400 MiB
-RSS. A board with a GPU and large JPEGs is the other way round: decoding a 640x480 JPEG
-to 224 took ~7 ms, 0.2 s of the training thread per batch of 32, so give it 2-4. A
+loader_workers defaults to 0: no extra processes, the least memory. Measured with the
+reference recipe over MNIST PNGs (bench/image_folder.py, a shared 2-core machine
+without a GPU, two runs each way): 2 loader processes a service made the mean round
+0.26-0.6 s shorter (2.05 vs 2.66 s, 4.29 vs 4.55 s; the evaluator's 40,000 decodes per
+evaluated round run beside the scoring), the fleet 26-27 s slower to start, and cost a
+fork server plus ~400 MiB RSS (135 MiB PSS) a loader process. Large images on a board
+with a GPU are the other way round: a 640x480 JPEG took ~7 ms to decode and resize to
+224, 0.2 s of the training thread per batch of 32, so give those 2-4. A
 program that builds this task itself (not a jetfed service) needs the usual
 `if __name__ == "__main__":` guard when loader_workers > 0, as for any DataLoader
 whose processes start by forkserver or spawn."""
