@@ -23,6 +23,8 @@ from packaging.requirements import Requirement
 
 PYENV = Path("/root/.pyenv/versions")
 JETPACK_DISTRIBUTIONS = ("torch", "torchvision")
+# What they bring for board code to import: torchvision decodes images with Pillow.
+JETPACK_MODULES = ("torch", "torchvision", "PIL")
 
 
 def pyenv_python(version: str) -> Optional[Path]:

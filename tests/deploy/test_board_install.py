@@ -26,7 +26,7 @@ from tests.conftest import free_port
 from tests.integration.processes import HOST, START_TIMEOUT_S, Process, stop, wait_serving
 
 pytestmark = pytest.mark.slow
-COMMANDS = ("certs", "coordinator", "evaluator", "report", "worker")
+COMMANDS = ("certs", "coordinator", "evaluator", "export", "report", "tasks", "worker")
 WORKERS = {"alice": "0-4", "bob": "5-9"}
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 from board_imports import board_modules
-from board_python import JETPACK_DISTRIBUTIONS, board_env, make_board_python, pyenv_python, unresolved
+from board_python import JETPACK_MODULES, board_env, make_board_python, pyenv_python, unresolved
 from scratch_install import run_install
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def python_version(venv: Path) -> str:
 
 def test_every_import_but_torch_resolves(venv: Path) -> None:
     version = python_version(venv)
-    modules = [m for m in board_modules(version) if m.split(".")[0] not in JETPACK_DISTRIBUTIONS]
+    modules = [m for m in board_modules(version) if m.split(".")[0] not in JETPACK_MODULES]
     assert "tomli" in modules, "below 3.11 the coordinator reads TOML with tomli"
     assert unresolved(venv / "bin/python", modules) == []
 
