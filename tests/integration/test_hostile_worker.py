@@ -30,7 +30,9 @@ class HostileWorker(worker_pb2_grpc.WorkerServicer):
     async def GetInfo(self, request, context):
         from jetfed.info import service_info
 
-        return service_info("mallory", "worker", "cpu", "mnist-cnn", [10] * 10)
+        return service_info("mallory", "worker", "cpu", task="mnist", model="mnist-cnn", classes=[str(d) for d in range(10)],
+                            model_digest=codec.spec_digest(codec.spec_of(build_model("mnist-cnn").state_dict())),
+                            label_counts=[10] * 10, dataset_size=sum([10] * 10))
 
     async def Train(self, request_iterator, context) -> AsyncIterator[worker_pb2.TrainResponse]:
         head, manifest, payload = await wire.read_weight_stream(request_iterator, "header", 1 << 30)

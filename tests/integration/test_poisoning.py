@@ -40,7 +40,9 @@ class PoisoningWorker(worker_pb2_grpc.WorkerServicer):
         self.data = data
 
     async def GetInfo(self, request, context):
-        return service_info(self.name, "worker", "cpu", "mnist-cnn", ANNOUNCED)
+        return service_info(self.name, "worker", "cpu", task="mnist", model="mnist-cnn", classes=[str(d) for d in range(10)],
+                            model_digest=codec.spec_digest(codec.spec_of(build_model("mnist-cnn").state_dict())),
+                            label_counts=ANNOUNCED, dataset_size=sum(ANNOUNCED))
 
     async def Train(self, request_iterator, context) -> AsyncIterator[worker_pb2.TrainResponse]:
         head, manifest, payload = await wire.read_weight_stream(request_iterator, "header", 1 << 30)
