@@ -33,7 +33,10 @@ def interrupt_after(command: List[str], line_prefix: str, timeout: float = 180) 
             break
     os.killpg(proc.pid, signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGINT, rest  # make dies by the signal, as a shell then reports 130
+    # make dies by the signal (a shell then reports 130), or, when the launcher's exit
+    # status 130 reaches make before the signal does (a loaded machine), reports the
+    # launcher's "Error 130" and exits 2: either way the run stopped as Ctrl-C asked.
+    assert proc.returncode == -signal.SIGINT or (proc.returncode == 2 and "run-local] Error 130" in rest), rest
     return lines + rest.splitlines()
 
 
@@ -52,7 +55,8 @@ def test_interrupted_run_resumed_by_its_printed_command_equals_an_uninterrupted_
     lines = interrupt_after([*MAKE, *variables], "Training round 3/")
     output = "\n".join(lines)
     assert "run-local: interrupted; every service stopped" in output
-    assert f"make: *** [Makefile:" in output and "run-local] Interrupt" in output, output
+    assert f"make: *** [Makefile:" in output, output
+    assert "run-local] Interrupt" in output or "run-local] Error 130" in output, output
     assert all(nothing_listens(base + i) for i in range(5)), "a service outlived an interrupted run-local"
     command = resume_command(lines)
     assert command.startswith(f"make run-local RESUME={out} DATA_DIR={real_mnist} ROUNDS={ROUNDS} SEED={SEED} "

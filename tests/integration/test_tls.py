@@ -335,6 +335,7 @@ def test_protected_names_are_checked():
         CallerAuthorization(PROTECTED, {"coordinator"}, "")
     assert service_methods(WORKER_SERVICE) == {
         "/jetfed.v1.Worker/Train", "/jetfed.v1.Worker/Evaluate", "/jetfed.v1.Worker/EndRun",
+        "/jetfed.v1.Worker/InitialWeights",
     }
 
 
