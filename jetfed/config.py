@@ -13,6 +13,9 @@ LOSSES = ("nll",)
 MAX_BATCH_SIZE = 65536
 MAX_BATCHES = 1_000_000
 MAX_EPOCHS = 1000
+# FedProx's mu is a weight beside a loss near 1: the paper tries 0.001..1; beyond 1000
+# the term would swamp any task loss and the round could only stand still.
+MAX_PROXIMAL_MU = 1000.0
 # A worker's bound on the examples one Train may ask it to process (epochs x examples
 # per epoch): a valid config can still ask for days of work (1000 epochs of batch size
 # 1). The reference recipe needs 320; the default allows about 40 passes over a board's
@@ -23,7 +26,11 @@ DEFAULT_MAX_EXAMPLES_PER_ROUND = 1_000_000
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Defaults are the reference recipe: SGD, lr 0.1, 10 batches of 32, one epoch."""
+    """Defaults are the reference recipe: SGD, lr 0.1, 10 batches of 32, one epoch.
+
+    `proximal_mu` > 0 adds FedProx's proximal term (Li et al. 2020), mu/2 ||w - w0||^2
+    from the global model w0 the round started from, to every batch's loss: it keeps a
+    board with skewed data near the global model. 0 is plain local training."""
 
     optimizer: str = "sgd"
     loss: str = "nll"
@@ -33,6 +40,7 @@ class TrainConfig:
     max_batches: int = 10
     epochs: int = 1
     seed: int = 0
+    proximal_mu: float = 0.0
 
     def validated(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -51,6 +59,10 @@ class TrainConfig:
             raise InvalidConfig(f"epochs: {self.epochs} must be in 1..{MAX_EPOCHS}")
         if not 0 <= self.seed < 2**63:
             raise InvalidConfig(f"seed: {self.seed} must be in 0..2**63-1")
+        if not (math.isfinite(self.proximal_mu) and 0 <= self.proximal_mu <= MAX_PROXIMAL_MU):
+            raise InvalidConfig(
+                f"proximal_mu: {self.proximal_mu} must be a finite number in [0, {MAX_PROXIMAL_MU:g}] (0 = no proximal term)"
+            )
         return self
 
     def examples_per_round(self, dataset_size: int) -> int:

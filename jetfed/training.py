@@ -48,6 +48,21 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
+class ProximalTerm:
+    """FedProx's mu/2 * sum ||w - w0||^2 over a model's trained parameters, w0 being
+    their values when the term was made: at the start of a round, the global model just
+    loaded. Its gradient, mu * (w - w0), pulls each step back toward that model.
+    Buffers (batch-norm statistics) are not trained, so they take no part."""
+
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        self._mu = mu
+        self._pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def __call__(self) -> torch.Tensor:
+        drift = sum(((p - start) ** 2).sum() for p, start in self._pairs)
+        return self._mu / 2 * drift
+
+
 def train_round(
     model: nn.Module, data: Examples, config: TrainConfig, seed: int, stop: Optional[threading.Event] = None,
     loss: Loss = F.nll_loss,
@@ -57,11 +72,16 @@ def train_round(
 
     `stop` is looked at before every batch: a round nobody waits for any more (its call
     cancelled or past its deadline, the service shutting down) raises TrainingStopped
-    at the next batch instead of running its remaining epochs."""
+    at the next batch instead of running its remaining epochs.
+
+    With `config.proximal_mu` > 0 each batch's backward pass also takes FedProx's
+    proximal term (ProximalTerm); the mean loss reported stays the task's loss, so
+    rounds with and without the term compare. At 0 the loop runs no extra op."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     order_rng = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(config, model)
+    proximal = ProximalTerm(model, config.proximal_mu) if config.proximal_mu > 0 else None
     batches = math.ceil(len(data) / config.batch_size)
     if config.max_batches:
         batches = min(batches, config.max_batches)
@@ -76,7 +96,8 @@ def train_round(
                 raise TrainingStopped(f"training stopped after {examples} examples: nobody awaits the round")
             optimizer.zero_grad()
             batch_loss = loss(model(inputs), labels)
-            batch_loss.backward()
+            objective = batch_loss if proximal is None else batch_loss + proximal()
+            objective.backward()
             optimizer.step()
             loss_sum += batch_loss.detach() * len(labels)
             examples += len(labels)

@@ -68,6 +68,7 @@ def config_to_proto(config: TrainConfig) -> training_pb2.TrainConfig:
         max_batches=config.max_batches,
         epochs=config.epochs,
         seed=config.seed,
+        proximal_mu=config.proximal_mu,
     )
 
 
@@ -84,6 +85,7 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
         max_batches=message.max_batches,
         epochs=message.epochs,
         seed=message.seed,
+        proximal_mu=message.proximal_mu,
     ).validated()
 
 

@@ -15,6 +15,7 @@ def test_defaults_are_the_reference_recipe_and_valid():
     assert (config.optimizer, config.loss, config.lr, config.batch_size, config.max_batches, config.epochs) == (
         "sgd", "nll", 0.1, 32, 10, 1,
     )
+    assert config.proximal_mu == 0.0  # plain local training: FedProx is asked for
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,8 @@ def test_defaults_are_the_reference_recipe_and_valid():
         {"max_batches": 0},
         {"lr": 100.0},
         {"batch_size": 65536, "epochs": 1000, "seed": 2**63 - 1},
+        {"proximal_mu": 0.01},
+        {"proximal_mu": 1000.0},
     ],
 )
 def test_edges_inside_the_ranges_pass(changes):
@@ -51,6 +54,10 @@ def test_edges_inside_the_ranges_pass(changes):
         ("momentum", math.nan),
         ("seed", -1),
         ("seed", 2**63),
+        ("proximal_mu", -0.01),
+        ("proximal_mu", 1000.5),
+        ("proximal_mu", math.nan),
+        ("proximal_mu", math.inf),
     ],
 )
 def test_out_of_range_field_is_named_first(field, value):

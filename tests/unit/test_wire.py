@@ -17,6 +17,8 @@ from jetfed.v1 import training_pb2, weights_pb2, worker_pb2
     [
         TrainConfig(),
         TrainConfig(optimizer="adam", lr=0.00125, momentum=0.5, batch_size=64, max_batches=0, epochs=3, seed=2**40),
+        TrainConfig(proximal_mu=0.01),
+        TrainConfig(proximal_mu=1000.0),
     ],
 )
 def test_config_round_trip(config):
@@ -42,6 +44,22 @@ def test_out_of_range_field_from_the_wire_is_refused():
     message = wire.config_to_proto(TrainConfig())
     message.batch_size = 0
     with pytest.raises(InvalidConfig, match="^batch_size: "):
+        wire.config_from_proto(message)
+
+
+def test_a_config_without_proximal_mu_trains_without_the_term():
+    """The reference recipe as a coordinator from before field 9 writes it."""
+    message = training_pb2.TrainConfig(
+        optimizer=training_pb2.OPTIMIZER_SGD, loss=training_pb2.LOSS_NLL, lr=0.1, batch_size=32, max_batches=10, epochs=1,
+    )
+    assert wire.config_from_proto(training_pb2.TrainConfig.FromString(message.SerializeToString())) == TrainConfig()
+
+
+@pytest.mark.parametrize("mu", [-1.0, float("nan"), 1e9])
+def test_a_bad_proximal_mu_from_the_wire_is_refused_by_name(mu):
+    message = wire.config_to_proto(TrainConfig())
+    message.proximal_mu = mu
+    with pytest.raises(InvalidConfig, match="^proximal_mu: "):
         wire.config_from_proto(message)
 
 
