@@ -15,7 +15,7 @@ from jetfed.service_cli import (
     task_from_args,
 )
 from jetfed.v1 import worker_pb2, worker_pb2_grpc
-from worker.service import WorkerService
+from worker.service import SLOWDOWN_SETTING, WorkerService, slowdown_factor
 
 log = logging.getLogger("worker")
 
@@ -31,6 +31,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="examples one Train may ask for (epochs x examples per epoch); more is refused with INVALID_ARGUMENT "
              f"(default {DEFAULT_MAX_EXAMPLES_PER_ROUND}; the reference recipe needs 320)",
     )
+    parser.add_argument(
+        SLOWDOWN_SETTING, type=float, default=1.0, metavar="FACTOR",
+        help="emulate a board FACTOR times slower, for straggler benchmarks: after each round's training the worker "
+             "waits (FACTOR-1) x its training time before answering, and reports the whole as the round's train "
+             "seconds (default 1: this board's own speed; at most 1000)",
+    )
     return parser.parse_args(argv)
 
 
@@ -39,6 +45,7 @@ async def serve(args: argparse.Namespace) -> None:
     security = server_security(args, descriptor, f"worker {args.name} on {args.host}:{args.port}")
     admission = stream_limit(args, descriptor, ["Evaluate"], f"worker {args.name}")
     work = work_limit(args.max_examples_per_round)
+    slowdown = slowdown_factor(args.slowdown)
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     stream.check_chunk_size(args.chunk_bytes)
@@ -50,12 +57,14 @@ async def serve(args: argparse.Namespace) -> None:
     label = devices.describe(device)
     log.info("worker=%s device=%s task=%s model=%s partition=%s max_payload_bytes=%d", args.name, label, task.name,
              task.model_name, partition.describe(), payload_limit)
+    if slowdown != 1.0:
+        log.warning("emulating a board %gx slower: %s %g", slowdown, SLOWDOWN_SETTING, slowdown)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     telemetry = start_telemetry(args)
     service = WorkerService(
         args.name, task, data, device_label=label, executor=executor, chunk_bytes=args.chunk_bytes,
         max_payload_bytes=payload_limit, receive_timeout=args.receive_timeout, telemetry=telemetry,
-        max_examples_per_round=work,
+        max_examples_per_round=work, slowdown=slowdown,
     )
     service.warm_up()
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
@@ -31,6 +33,16 @@ HEADER_TIMEOUT_S = 10.0
 MAX_ROUND = 2**32 - 1  # what TrainResult.round carries back
 # On shutdown, how long a round told to stop may take to let its call end (one batch).
 SHUTDOWN_WAIT_S = 5.0
+SLOWDOWN_SETTING = "--slowdown"
+MAX_SLOWDOWN = 1000.0
+
+
+def slowdown_factor(value: float) -> float:
+    """A worker's --slowdown, checked once at start-up: 1 is this board's own speed."""
+    if not (math.isfinite(value) and 1 <= value <= MAX_SLOWDOWN):
+        raise InvalidConfig(f"{SLOWDOWN_SETTING}: {value} must be a finite number in [1, {MAX_SLOWDOWN:g}] "
+                            "(1 = this board's own speed; 4 = a board four times slower)")
+    return value
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -47,12 +59,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     merely in progress: a busy worker answers ABORTED and takes the next round, and a
     health check that flapped every round would make launchers and coordinators think
     it went away. NOT_SERVING means work is running that nobody will collect.
+
+    `slowdown` > 1 emulates a board that many times slower, for straggler benchmarks
+    (real fleets mix board generations): after training, the call sleeps (slowdown - 1)
+    times the training's measured seconds on the event loop, holding the worker as a
+    slower board would, and reports the whole as train_seconds. The sleep is the
+    call's, so a cancelled call or one past its deadline ends it at once.
     """
 
     def __init__(
         self, name: str, task: Task, data: Examples, *, device_label: str, executor: Executor, chunk_bytes: int,
         max_payload_bytes: int, receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
-        max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND,
+        max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND, slowdown: float = 1.0,
     ) -> None:
         self._name = name
         self._task = task
@@ -66,6 +84,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._max_payload_bytes = max_payload_bytes
         self._receive_timeout = receive_timeout
         self._max_examples = max_examples_per_round
+        self._slowdown = slowdown_factor(slowdown)
         self._training = TrainingSlot(name)
         self._runs = RunLedger(name)
         self._stopping: Optional[asyncio.Task] = None  # held, so the loop does not collect it
@@ -91,7 +110,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 state = codec.decode(manifest, payload)
                 codec.require_finite(state)
                 seed = derive_seed(config.seed, head.round, self._name)
-                outcome = await self._train_until_abandoned(held, state, config, seed)
+                outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed)
+                outcome = await self._as_slower_board(head.round, outcome, compute_seconds)
                 for message in self._result_messages(head, outcome):
                     yield message
             finally:
@@ -142,7 +162,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _train_until_abandoned(
         self, held: Round, state: codec.StateDict, config: TrainConfig, seed: int,
-    ) -> TrainOutcome:
+    ) -> Tuple[TrainOutcome, float]:
         """Train in the torch thread. If this call ends first, the round is abandoned:
         it stops at its next batch and keeps the worker until its thread is done."""
         training = asyncio.get_running_loop().run_in_executor(
@@ -158,7 +178,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 held.outlives_call = True
                 self._stopping = asyncio.ensure_future(self._release_when_stopped(held, training))
 
-    async def _release_when_stopped(self, held: Round, training: "asyncio.Future[TrainOutcome]") -> None:
+    async def _as_slower_board(self, round_number: int, outcome: TrainOutcome, compute_seconds: float) -> TrainOutcome:
+        """Sleep out the rest of a slower board's round (see the class); `outcome` as is at 1."""
+        if self._slowdown == 1.0:
+            return outcome
+        emulated = (self._slowdown - 1) * compute_seconds
+        log.info("train round=%d computed=%.3fs emulated=%.3fs slowdown=%g", round_number, compute_seconds, emulated,
+                 self._slowdown)
+        await asyncio.sleep(emulated)
+        return dataclasses.replace(outcome, seconds=outcome.seconds + emulated)
+
+    async def _release_when_stopped(self, held: Round, training: "asyncio.Future[Tuple[TrainOutcome, float]]") -> None:
         """Keep the worker, with health NOT_SERVING, until the abandoned round's thread is done."""
         if self._health is not None:
             await self._health.mark_not_serving()
@@ -242,11 +272,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._task.train(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
         self._scorer.warm_up()
 
-    def _train(self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round) -> TrainOutcome:
-        """The torch thread's part; says how soon a round told to stop did."""
+    def _train(self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round) -> Tuple[TrainOutcome, float]:
+        """The torch thread's part: the outcome and the training's wall seconds, measured
+        here since a custom loop may report none; says how soon a round told to stop did."""
         self._model.load_state_dict(state)
+        started = time.perf_counter()
         try:
-            return self._task.train(self._model, self._data, config, seed, held.stop)
+            return self._task.train(self._model, self._data, config, seed, held.stop), time.perf_counter() - started
         except TrainingStopped:
             assert held.abandoned_at is not None
             log.info("train round=%d run=%s stopped %.3fs after it was abandoned", held.number, held.run_id or "-",
