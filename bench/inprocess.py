@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.fedavg import fedavg
+from coordinator.strategies.fedavg import fedavg
 from coordinator.settings import RunSettings
 from jetfed.config import TrainConfig
 from jetfed.data import load_mnist, parse_labels

@@ -7,7 +7,9 @@ The state file names the model file and its SHA-256; the model file carries its 
 in its name, so the two can never be paired wrongly. The state file also carries the
 round's metrics record: it is written before metrics.jsonl, so a crash between the two
 leaves a record that --resume puts back, never a metrics line without its checkpoint.
-And it carries the run's id, so a resumed run is the same run to the workers.
+And it carries the run's id, so a resumed run is the same run to the workers, and the
+strategy's state (server moments, a clipping center) in its own safetensors file, named
+and hashed like the model, so a resumed run takes the same steps as an unbroken one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -42,6 +44,8 @@ class Checkpoint:
     record: Optional[Dict[str, Any]] = None
     # The run's id (see Federation.run_id); None in checkpoints written before it was kept.
     run_id: Optional[str] = None
+    # The strategy's tensors and values (Strategy.state_dict); None before they were kept.
+    strategy: Optional[Tuple[StateDict, Dict[str, Any]]] = None
 
 
 def sync_directory(folder: Path) -> None:
@@ -75,21 +79,30 @@ def write_model(path: Path, state: StateDict, model: str, round_number: int) -> 
 
 def save(
     folder: Path, round_number: int, state: StateDict, model: str, run: Dict[str, Any], record: Dict[str, Any],
-    run_id: Optional[str] = None,
+    run_id: Optional[str] = None, strategy: Optional[Tuple[StateDict, Dict[str, Any]]] = None,
 ) -> Path:
-    """Checkpoint a completed round: its model, then the state file naming it (the commit
-    point), then the older models go. `run_id` sits beside `run`, not in it: `run` is
-    what a resumption must match, the id is what it takes over."""
+    """Checkpoint a completed round: its model and strategy state, then the state file
+    naming them (the commit point), then the older files go. `run_id` sits beside
+    `run`, not in it: `run` is what a resumption must match, the id is what it takes over."""
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / f"global-{round_number:06d}.safetensors"
     write_model(model_path, state, model, round_number)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     saved = {"round": round_number, "model_file": model_path.name, "sha256": digest, "run": run, "record": record,
              "run_id": run_id or None}
+    kept = {model_path}
+    if strategy is not None:
+        tensors, values = strategy
+        strategy_path = folder / f"strategy-{round_number:06d}.safetensors"
+        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"round": str(round_number)})
+        write_atomically(strategy_path, data)
+        saved["strategy"] = {"file": strategy_path.name, "sha256": hashlib.sha256(data).hexdigest(), "values": values}
+        kept.add(strategy_path)
     write_atomically(folder / STATE_FILE, json.dumps(saved, indent=2, sort_keys=True).encode())
-    for old in folder.glob("global-*.safetensors"):
-        if old != model_path:
-            old.unlink()
+    for pattern in ("global-*.safetensors", "strategy-*.safetensors"):
+        for old in folder.glob(pattern):
+            if old not in kept:
+                old.unlink()
     return model_path
 
 
@@ -120,4 +133,20 @@ def load(folder: Path) -> Optional[Checkpoint]:
                                    0 < len(run_id) <= MAX_RUN_ID_CHARS):
         raise CheckpointError(f"checkpoint {state_path}: run_id must be 1 to {MAX_RUN_ID_CHARS} printable characters, "
                               f"not {run_id!r:.80}")
-    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"], record.get("record"), run_id)
+    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"], record.get("record"), run_id,
+                      _strategy(folder, state_path, record.get("strategy")))
+
+
+def _strategy(folder: Path, state_path: Path, saved: Any) -> Optional[Tuple[StateDict, Dict[str, Any]]]:
+    """The strategy state the state file names, proven by its SHA-256."""
+    if saved is None:
+        return None
+    try:
+        path = folder / saved["file"]
+        data = path.read_bytes()
+        values = saved["values"]
+    except (OSError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {state_path}: strategy state unreadable: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != saved.get("sha256") or not isinstance(values, dict):
+        raise CheckpointError(f"checkpoint {path}: sha256 does not match {state_path}")
+    return load_file(str(path)), values

@@ -17,6 +17,7 @@ from coordinator.config_file import load_config
 from coordinator.federation import RunSummary
 from coordinator.runner import run
 from coordinator.settings import DEFAULT_MAX_NORM_RATIO, DEFAULT_TASK, WEIGHTINGS, RunSettings
+from coordinator.strategies.registry import DEFAULT_STRATEGY, PRESETS, StrategySpec, parse_param_flag
 from jetfed import logs, stream, tls
 from jetfed.signals import cancel_on_signals
 from jetfed.auth import add_token_argument, read_token
@@ -48,6 +49,7 @@ DEFAULTS = {
     "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
     "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
     "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "max_norm_ratio": DEFAULT_MAX_NORM_RATIO,
+    "strategy": DEFAULT_STRATEGY, "strategy_params": {},
     "out": None,
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": None,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--epochs", type=int)
     flag("--seed", "seeds the initial model and every worker's shuffling", type=int)
     flag("--weighting", "FedAvg weights: examples trained, or equal", choices=WEIGHTINGS)
+    flag("--strategy", "how updates become the next global model: " + ", ".join(PRESETS)
+         + " (`jetfed strategies` lists them with their parameters)", metavar="NAME")
+    p.add_argument("--strategy-param", action="append", metavar="KEY=VALUE", dest="strategy_param",
+                   help="a strategy parameter, repeatable, e.g. --strategy-param momentum=0.7 (over [strategy]'s)")
     flag("--max-norm-ratio", "scale down an update whose change to the global model is over this multiple of "
          "the round's median change (needs 3 updates or more)", type=float)
     flag("--out", "output folder (default: runs/<timestamp>)", type=Path)
@@ -118,7 +124,9 @@ def parse_args(argv: Optional[List[str]]) -> Dict[str, object]:
     flags = vars(build_parser().parse_args(argv))
     config_path = flags.pop("config", None)
     from_file = load_config(config_path) if config_path else {}
-    return {**DEFAULTS, **from_file, **flags}
+    params = dict(from_file.get("strategy_params", {}))
+    params.update(parse_param_flag(text) for text in flags.pop("strategy_param", []))
+    return {**DEFAULTS, **from_file, **flags, "strategy_params": params}
 
 
 def settings_from(values: Dict[str, Any]) -> RunSettings:
@@ -141,6 +149,7 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         rounds=values["rounds"], eval_every=values["eval_every"], task=values["task"], model=values["model"],
         init_weights=Path(values["init_weights"]) if values["init_weights"] else None, train=train,
         lr_decay=values["lr_decay"], lr_min_factor=values["lr_min_factor"], weighting=values["weighting"],
+        strategy=StrategySpec(values["strategy"], values["strategy_params"]),
         max_norm_ratio=values["max_norm_ratio"],
         chunk_bytes=values["chunk_bytes"], max_payload_bytes=values["max_payload_bytes"],
         round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],

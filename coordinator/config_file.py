@@ -74,6 +74,8 @@ def load_config(path: Path) -> Dict[str, Any]:
             values.update(_check(section, table, _SECTIONS[section]))
         elif section == "workers":
             values["worker"] = _workers(table)
+        elif section == "strategy":
+            values.update(_strategy(table))
         elif section == "task":
             _task_options(_check("task", table, _TASK_KEYS))
         elif section == "evaluator":
@@ -84,8 +86,25 @@ def load_config(path: Path) -> Dict[str, Any]:
         else:
             raise InvalidConfig(
                 f"config: unknown section [{section}]; known: "
-                + ", ".join(sorted([*_SECTIONS, "task", "workers", "evaluator"]))
+                + ", ".join(sorted([*_SECTIONS, "strategy", "task", "workers", "evaluator"]))
             )
+    return values
+
+
+def _strategy(table: Any) -> Dict[str, Any]:
+    """[strategy]: `name`, and the strategy's parameters as keys (checked against the
+    strategy once flags are merged: a flag may name another strategy)."""
+    if not isinstance(table, dict):
+        raise InvalidConfig("config: [strategy] must be a table, e.g. name = \"fedavgm\"")
+    params = {key: value for key, value in table.items() if key != "name"}
+    for key, value in params.items():
+        if isinstance(value, (dict, list)):
+            raise InvalidConfig(f"config: [strategy] {key} must be a number or a string")
+    values: Dict[str, Any] = {"strategy_params": params}
+    if "name" in table:
+        if not isinstance(table["name"], str):
+            raise InvalidConfig(f"config: [strategy] name = {table['name']!r} must be a string")
+        values["strategy"] = table["name"]
     return values
 
 

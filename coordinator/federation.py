@@ -19,11 +19,11 @@ import grpc
 from coordinator import initial_weights, report, screening
 from coordinator.board import RunBoard
 from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient, describe_failure
-from coordinator.fedavg import fedavg
 from coordinator.fleet_model import FleetModel, ServiceModel, agree
 from coordinator.initial_weights import Start
 from coordinator.roster import Roster
 from coordinator.settings import MAX_PAYLOAD_BYTES, RunSettings
+from coordinator.strategies.base import Contribution
 from jetfed import codec, stream, tls
 from jetfed.auth import bearer_metadata
 from jetfed.codec import StateDict
@@ -54,6 +54,15 @@ _UNREACHABLE_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """Worker and evaluator proxies with the gRPC clients' methods (info, expect,
+    initial_weights, train, end_run, close; info, evaluate, close)."""
+
+    workers: Dict[str, Any]
+    evaluator: Optional[Any] = None
+
+
 class RunFailed(JetfedError):
     """The run cannot go on (a round missed its quorum on every attempt, or the fleet
     never came up); the last checkpoint is intact for --resume."""
@@ -82,33 +91,40 @@ def refused_by_another_run(reason: str) -> bool:
 class Federation:
     def __init__(
         self, settings: RunSettings, say: Say = print, board: Optional[RunBoard] = None,
-        telemetry: Optional[RunTelemetry] = None,
+        telemetry: Optional[RunTelemetry] = None, fleet: Optional["Fleet"] = None,
     ) -> None:
+        """`fleet` replaces the gRPC clients with other proxies of the same shape (the
+        in-process workers of `jetfed simulate`); by default the run talks gRPC to
+        settings.workers and settings.evaluator."""
         self.settings = settings
         self.say = say
         self.telemetry = telemetry or RunTelemetry()
+        self.strategy = settings.strategy.build(weighting=settings.weighting, seed=settings.train.seed)
         # Known once the fleet has answered (connect): its model, and the global weights.
         self.fleet: Optional[FleetModel] = None
         self._weights: Optional[Weights] = None
         # The first weights when they do not come from a worker: a checkpoint or a file.
         self._start: Optional[Start] = None
         credentials = settings.tls.channel_credentials() if settings.tls else None
-        if credentials is None:
+        if credentials is None and fleet is None:
             tls.warn_plaintext(log, "the coordinator's calls to the fleet")
         metadata = bearer_metadata(settings.token)
         # A fresh run's id; --resume puts back the one its checkpoint holds (run_id).
         self._run_id = secrets.token_hex(8)
-        self.workers = {
-            name: WorkerClient(name, address, settings.chunk_bytes, credentials=credentials, metadata=metadata,
-                               telemetry=self.telemetry, run_id=self._run_id)
-            for name, address in settings.workers.items()
-        }
+        if fleet is None:
+            self.workers: Dict[str, Any] = {
+                name: WorkerClient(name, address, settings.chunk_bytes, credentials=credentials, metadata=metadata,
+                                   telemetry=self.telemetry, run_id=self._run_id)
+                for name, address in settings.workers.items()
+            }
+            self.evaluator: Optional[Any] = (
+                EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, metadata, self.telemetry)
+                if settings.evaluator else None
+            )
+        else:
+            self.workers, self.evaluator = dict(fleet.workers), fleet.evaluator
         self.roster = Roster(settings.workers, max_backoff=settings.max_backoff)
         self.board = board or RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
-        self.evaluator = (
-            EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, metadata, self.telemetry)
-            if settings.evaluator else None
-        )
         self._infos: Dict[str, info_pb2.GetInfoResponse] = {}
         self._evaluator_info: Optional[info_pb2.GetInfoResponse] = None
         # Workers that did not answer at start, with the reason: warned about, recorded.
@@ -328,7 +344,7 @@ class Federation:
         """Ask `names` to train; return the updates that arrived with a possible
         example count, and the delta norm of each."""
         settings = self.settings
-        config = replace(settings.train, lr=settings.lr_for(round_number))
+        config = self.strategy.configure(round_number, replace(settings.train, lr=settings.lr_for(round_number)))
         self.board.start_round(round_number, names)
         results = await asyncio.gather(*(self._train(n, round_number, config) for n in names), return_exceptions=True)
         arrived = []
@@ -407,7 +423,7 @@ class Federation:
         settings = self.settings
         record: Dict[str, Any] = {"round": round_number, "lr": settings.lr_for(round_number), "failed": {}, "late": []}
         for attempt in range(1, settings.round_retries + 2):
-            names = self.roster.due(everyone=attempt > 1)
+            names = self.strategy.select(round_number, self.roster.due(everyone=attempt > 1))
             record["skipped"] = [n for n in self.roster.names if n not in names]
             updates, norms = await self._attempt(round_number, names, record)
             if len(updates) >= settings.quorum:
@@ -423,9 +439,12 @@ class Federation:
                                                   self.global_weights.state, norms, settings.max_norm_ratio)
         for name, note in clipped.items():
             log.warning("round=%d worker=%s clipped: %s", round_number, name, note)
-        weights = [u.num_examples if settings.weighting == "examples" else 1.0 for u in updates]
+        contributions = [Contribution(u.worker, states[u.worker], u.num_examples, round_number - 1) for u in updates]
         self._updates = updates
-        self._weights = Weights.of(fedavg([states[u.worker] for u in updates], weights), self.model)
+        self._weights = Weights.of(self.strategy.aggregate(self.global_weights.state, contributions), self.model)
+        note = self.strategy.note()
+        if note:
+            record["strategy"] = note
         record.update({
             "attempts": attempt,
             "workers": [u.worker for u in updates],
@@ -452,7 +471,8 @@ class Federation:
         """Score every update, then the new global model, printed in the reference's order."""
         assert self.evaluator is not None
         timeout = self.settings.eval_timeout
-        tagged = [(u.worker, f"Model update {u.worker}", u.weights) for u in self._updates]
+        updates = self._updates if self.settings.score_updates else []
+        tagged = [(u.worker, f"Model update {u.worker}", u.weights) for u in updates]
         tagged.append(("global", "Federated model", self.global_weights))
         groups = await self._label_groups()
         self.say("Evaluating models")

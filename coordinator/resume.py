@@ -25,12 +25,15 @@ from coordinator import checkpoint
 from coordinator.federation import Federation, RunFailed, Say
 from coordinator.fleet_model import OLDER_TASK
 from coordinator.settings import RunSettings
+from coordinator.strategies.registry import StrategySpec
 
 log = logging.getLogger(__name__)
 
 # What must not change between a run and its resumption, or the result is another run;
 # the model too, by the name the fleet reported (run_identity), checked at connect.
 _PINNED = ("task", "train", "lr_decay", "lr_min_factor", "weighting", "max_norm_ratio")
+# Checkpoints from before strategies ran FedAvg.
+_OLDER_STRATEGY = StrategySpec()
 
 # (round, the line as written) for each whole record of metrics.jsonl.
 Line = Tuple[int, str]
@@ -40,7 +43,14 @@ def run_identity(settings: RunSettings, model: str) -> Dict[str, Any]:
     """What a checkpoint pins; `model` is the fleet's model, which --model may leave out."""
     identity = {key: dataclasses.asdict(settings)[key] for key in _PINNED}
     identity["model"] = model
+    identity["strategy"] = _strategy_identity(settings.strategy)
     return json.loads(json.dumps(identity))
+
+
+def _strategy_identity(spec: StrategySpec) -> Dict[str, Any]:
+    """The strategy by name and every parameter it resolves to: a default given
+    explicitly is the same run, a changed parameter is another."""
+    return {"name": spec.name, "params": spec.resolved()}
 
 
 def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
@@ -66,14 +76,24 @@ def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
         log.info("resume: no checkpoint in %s; starting at round 1", folder)
         return 1
     # Checkpoints from before tasks pinned no task: they ran mnist.
-    pinned = {"task": OLDER_TASK, **saved.run}
+    pinned = {"task": OLDER_TASK, "strategy": _strategy_identity(_OLDER_STRATEGY), **saved.run}
+    if isinstance(pinned.get("train"), dict):  # recipes from before FedProx sent no proximal term
+        pinned["train"] = {"proximal_mu": 0.0, **pinned["train"]}
     model = pinned.get("model")
-    if not isinstance(model, str) or pinned != run_identity(settings, model):
+    if not isinstance(model, str):
         raise RunFailed(f"resume: {folder} was written by a run with other settings: {saved.run}")
+    now = run_identity(settings, model)
+    if pinned != now:
+        differ = "; ".join(f"{key}: {pinned.get(key)!r} then, {now.get(key)!r} now"
+                           for key in sorted(set(pinned) | set(now)) if pinned.get(key) != now.get(key))
+        raise RunFailed(f"resume: {folder} was written by a run with other settings ({differ}); resume with the "
+                        "run's own settings, or choose another --out")
     if settings.model is not None and settings.model != model:
         raise RunFailed(f"resume: --model {settings.model}, but the run in {folder} trains {model}; resume it "
                         f"without --model, or with --model {model}")
     federation.restore(saved.state, model, saved.round)
+    if saved.strategy is not None:
+        federation.strategy.load_state_dict(*saved.strategy)
     if saved.run_id is not None:
         federation.run_id = saved.run_id
     else:

@@ -14,7 +14,7 @@ import grpc
 from coordinator import checkpoint, report, resume
 from coordinator.board import RunBoard
 from coordinator.clients import Score, describe_failure
-from coordinator.federation import Federation, RunFailed, RunSummary, Say
+from coordinator.federation import Federation, Fleet, RunFailed, RunSummary, Say
 from coordinator.progress import Progress
 from coordinator.settings import RunSettings
 from coordinator.status_service import CoordinatorStatusService
@@ -80,19 +80,23 @@ async def _evaluate(federation: Federation, round_number: int, record: Dict[str,
 
 async def run(
     settings: RunSettings, say: Say = print, live: bool = False, telemetry: Optional[RunTelemetry] = None,
+    fleet: Optional[Fleet] = None,
 ) -> RunSummary:
     """`live` draws progress in the terminal; the reference lines print above it.
-    `telemetry` records the run (a fresh one by default), served at --metrics-address."""
+    `telemetry` records the run (a fresh one by default), served at --metrics-address.
+    `fleet` runs it on other proxies than gRPC clients (`jetfed simulate`)."""
     board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
     telemetry = telemetry or RunTelemetry()
     if not live:
-        return await _run(settings, board, say, telemetry)
+        return await _run(settings, board, say, telemetry, fleet)
     async with Progress(board) as progress:
-        return await _run(settings, board, progress.say, telemetry)
+        return await _run(settings, board, progress.say, telemetry, fleet)
 
 
-async def _run(settings: RunSettings, board: RunBoard, say: Say, telemetry: RunTelemetry) -> RunSummary:
-    federation = Federation(settings, say, board, telemetry)
+async def _run(
+    settings: RunSettings, board: RunBoard, say: Say, telemetry: RunTelemetry, fleet: Optional[Fleet],
+) -> RunSummary:
+    federation = Federation(settings, say, board, telemetry, fleet)
     status_server = None
     metrics: Optional[report.MetricsLog] = None
     try:
@@ -128,7 +132,8 @@ def _commit(settings: RunSettings, federation: Federation, metrics: report.Metri
     number, folder = record["round"], settings.out_dir / "checkpoint"
     with _writing(folder, f"free space, then --resume runs round {number} again"):
         checkpoint.save(folder, number, federation.global_weights.state, federation.model,
-                        resume.run_identity(settings, federation.model), record, run_id=federation.run_id)
+                        resume.run_identity(settings, federation.model), record, run_id=federation.run_id,
+                        strategy=federation.strategy.state_dict())
     with _writing(metrics.path, f"free space, then --resume takes round {number}'s record from its checkpoint"):
         metrics.write(record)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+from coordinator.strategies.registry import StrategySpec
 from jetfed import stream
 from jetfed.config import TrainConfig
 from jetfed.errors import InvalidConfig
@@ -49,6 +50,8 @@ class RunSettings:
     lr_decay: float = 0.98
     lr_min_factor: float = 0.01
     weighting: str = "examples"
+    # How updates become the next global model (coordinator.strategies).
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO
     chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES
     # Largest update accepted from a worker; None: the model's size plus a margin.
@@ -60,6 +63,9 @@ class RunSettings:
     round_retries: int = 3
     max_backoff: float = 30.0
     resume: bool = False
+    # Score every update on the evaluator, as the reference did (simulations of many
+    # workers score only the global model).
+    score_updates: bool = True
     status_address: Optional[str] = None
     metrics_address: Optional[str] = None
     # Mutual TLS towards the fleet (the coordinator's certificate), or None: plaintext.
@@ -68,9 +74,15 @@ class RunSettings:
     token: Optional[str] = field(default=None, repr=False)
 
     @property
+    def per_round(self) -> int:
+        """Workers asked each round: all, or the strategy's sample."""
+        sample = int(self.strategy.resolved().get("sample", 0))
+        return sample if 0 < sample < len(self.workers) else len(self.workers)
+
+    @property
     def quorum(self) -> int:
-        """Updates a round needs; by default a majority of the workers."""
-        return self.min_workers if self.min_workers is not None else len(self.workers) // 2 + 1
+        """Updates a round needs; by default a majority of the workers asked."""
+        return self.min_workers if self.min_workers is not None else self.per_round // 2 + 1
 
     def validated(self) -> "RunSettings":
         """Every field against what it must mean and what the wire and the status
@@ -87,8 +99,17 @@ class RunSettings:
             raise InvalidConfig(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
         if not (math.isfinite(self.max_norm_ratio) and 1 < self.max_norm_ratio <= MAX_NORM_RATIO):
             raise InvalidConfig(f"max_norm_ratio: {self.max_norm_ratio} must be a number in (1, {MAX_NORM_RATIO:g}]")
-        if not 1 <= self.quorum <= len(self.workers):
-            raise InvalidConfig(f"min_workers: {self.quorum} must be in 1..{len(self.workers)} (the workers given)")
+        strategy = self.strategy.build(weighting=self.weighting, seed=self.train.seed)
+        if not 1 <= self.quorum <= self.per_round:
+            asked = "the workers given" if self.per_round == len(self.workers) else "the strategy's sample"
+            raise InvalidConfig(f"min_workers: {self.quorum} must be in 1..{self.per_round} ({asked})")
+        needed = strategy.workers_needed()
+        if self.quorum < needed:
+            f = self.strategy.resolved().get("f", 0)
+            raise InvalidConfig(
+                f"strategy {self.strategy.name} withstands f={f} hostile workers only with {needed} updates or more "
+                f"per round, and this run's quorum is {self.quorum}: give --min-workers {needed} (with at least "
+                f"{needed} workers) or a smaller f (--strategy-param f=N)")
         _check_int("round_retries", self.round_retries, 0, MAX_ROUND_RETRIES)
         for name, value in (
             ("round_timeout", self.round_timeout), ("eval_timeout", self.eval_timeout),

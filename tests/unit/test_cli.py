@@ -13,7 +13,7 @@ import pytest
 
 from jetfed.cli import missing_message, shorten
 
-COMMANDS = ("certs", "coordinator", "evaluator", "export", "report", "tasks", "worker")
+COMMANDS = ("certs", "coordinator", "evaluator", "export", "report", "simulate", "strategies", "tasks", "worker")
 
 
 def jetfed(*args: str) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_help_does_not_import_the_commands() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     # find_spec imports a command's parent package (its __init__ only), never the command.
-    assert result.stdout.strip() == "['coordinator', 'evaluator', 'worker']", result.stdout
+    assert result.stdout.strip() == "['coordinator', 'coordinator.strategies', 'evaluator', 'worker']", result.stdout
 
 
 def test_no_arguments_print_the_commands_and_exit_2() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.fedavg import fedavg
+from coordinator.strategies.fedavg import fedavg
 
 
 def test_weighted_mean_matches_hand_computation():

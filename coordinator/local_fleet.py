@@ -1,0 +1,137 @@
+"""In-process workers and evaluator with the gRPC clients' methods, for `jetfed
+simulate`: the same round loop, strategies, screening and checkpoints as a real run,
+with the training and scoring a board would do called directly instead of over the
+network. One model instance serves every simulated worker (they train one at a time,
+on one torch thread pool), so a thousand workers cost a thousand data partitions, not
+a thousand models.
+
+Only the simulation imports this module: it holds task code, which a real coordinator
+never loads (tests/unit/test_coordinator_imports.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Tuple
+
+import torch
+
+from coordinator.clients import Score, Update, Weights
+from jetfed import codec
+from jetfed.codec import TensorInfo
+from jetfed.config import TrainConfig
+from jetfed.info import service_info
+from jetfed.tasks.base import Examples, Task
+from jetfed.training import derive_seed
+from jetfed.v1 import info_pb2
+
+ADDRESS = "in-process"
+
+
+class LocalTrainer:
+    """The one model and thread the simulated services share. Work runs on a single
+    thread, in the order it is asked for, so a simulation replays exactly."""
+
+    def __init__(self, task: Task, device_label: str) -> None:
+        self.task = task
+        self.device_label = device_label
+        self.model = task.build_model().to(task.settings.device)
+        self.spec = codec.spec_of(self.model.state_dict())
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulate")
+
+    async def run(self, work, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+
+    def info(self, name: str, role: str, data: Examples) -> info_pb2.GetInfoResponse:
+        classes = self.task.classes
+        return service_info(
+            name, role, self.device_label, task=self.task.name, model=self.task.model_name, classes=classes,
+            model_digest=codec.spec_digest(self.spec), dataset_size=len(data),
+            label_counts=data.label_counts(len(classes)) if classes else [],
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class LocalWorker:
+    """A worker as a board runs it (worker.service.WorkerService.Train): the global
+    weights loaded, the task's training with the seed derived from (seed, round, name),
+    the trained state returned as the weights a board would send."""
+
+    def __init__(self, name: str, trainer: LocalTrainer, data: Examples) -> None:
+        self.name = name
+        self.address = ADDRESS
+        self.run_id = ""
+        self.data = data
+        self._trainer = trainer
+
+    def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
+        """Nothing to check: the weights never leave the process."""
+
+    async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
+        return self._trainer.info(self.name, "worker", self.data)
+
+    async def initial_weights(self, seed: int, model: str, digest: str, max_bytes: int, timeout: float) -> Weights:
+        return await self._trainer.run(self._initial_weights, seed)
+
+    def _initial_weights(self, seed: int) -> Weights:
+        """As a worker builds them: torch seeded, the model built on the CPU."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = self._trainer.task.build_model().state_dict()
+        return Weights.of(state, self._trainer.task.model_name)
+
+    async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
+        return await self._trainer.run(self._train, round_number, config, weights)
+
+    def _train(self, round_number: int, config: TrainConfig, weights: Weights) -> Update:
+        trainer = self._trainer
+        trainer.model.load_state_dict(weights.state)
+        outcome = trainer.task.train(trainer.model, self.data, config, derive_seed(config.seed, round_number, self.name))
+        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
+        return Update(worker=self.name, weights=Weights.of(state, trainer.task.model_name),
+                      num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,
+                      train_seconds=outcome.seconds, device=trainer.device_label)
+
+    async def end_run(self, timeout: float) -> bool:
+        return True
+
+    async def close(self) -> None:
+        """Nothing held per worker."""
+
+
+class LocalEvaluator:
+    """The evaluator's Evaluate on the test set, in process."""
+
+    def __init__(self, name: str, trainer: LocalTrainer, data: Examples, batch_size: int = 500) -> None:
+        self.name = name
+        self.address = ADDRESS
+        self.data = data
+        self._trainer = trainer
+        self._batch_size = batch_size
+
+    async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
+        return self._trainer.info(self.name, "evaluator", self.data)
+
+    async def evaluate(self, tag: str, weights: Weights, timeout: float) -> Score:
+        return await self._trainer.run(self._evaluate, weights)
+
+    def _evaluate(self, weights: Weights) -> Score:
+        trainer = self._trainer
+        trainer.model.load_state_dict(weights.state)
+        result = trainer.task.evaluate(trainer.model, self.data, self._batch_size)
+        return Score(result.correct, result.total, result.loss, tuple(result.predicted_counts), dict(result.metrics))
+
+    async def close(self) -> None:
+        """Nothing held."""
+
+
+def subset(examples: Examples, keep: torch.Tensor) -> Optional[Examples]:
+    """The examples at `keep` when they live in memory as tensors (sharing one load of
+    the data set among many simulated workers), else None: load them per worker."""
+    from jetfed.tasks.base import TensorExamples
+
+    if not isinstance(examples, TensorExamples):
+        return None
+    return TensorExamples(examples.inputs[keep.to(examples.inputs.device)], examples.targets[keep], examples.device)

@@ -1,0 +1,144 @@
+"""The Strategy seam: drivers (synchronous rounds, the asynchronous buffer) hand a
+strategy the proven updates of one server step and take back the next global model.
+A strategy never sees gRPC, clocks or files, so it is unit-tested on plain tensors.
+
+Strategies are composed, not subclassed: `Composite` = an aggregator (how deltas
+become one) + a server optimizer (the step taken along it) + a staleness exponent (how
+much an old update counts) + what the workers are told (FedProx's proximal term) + who
+is sampled. Deltas (trained - global) are the currency; the one exception is plain
+FedAvg (mean, lr 1, no staleness), which averages the states themselves, as jetfed
+always has, so its models stay bit-identical to earlier releases' (the delta form
+differs in the last float bit for about 0.2% of the parameters)."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from coordinator.strategies.aggregate import Aggregator, Mean
+from coordinator.strategies.fedavg import fedavg
+from coordinator.strategies.server_opt import Plain, ServerOptimizer
+from coordinator.strategies.staleness import polynomial
+from jetfed.codec import StateDict
+from jetfed.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One proven update as a strategy sees it: the trained state, the examples it
+    claims, the model version it started from and the server steps taken meanwhile."""
+
+    worker: str
+    state: StateDict
+    num_examples: int
+    base_version: int = 0
+    staleness: int = 0
+
+
+class Strategy(ABC):
+    name = ""
+    # Synchronous strategies run in rounds; asynchronous ones in a buffer of updates.
+    asynchronous = False
+
+    def select(self, version: int, available: Sequence[str]) -> List[str]:
+        """Who trains for `version` (default: everyone available, jetfed's behaviour)."""
+        return list(available)
+
+    def configure(self, version: int, config: TrainConfig) -> TrainConfig:
+        """The recipe sent with `version` (default: unchanged)."""
+        return config
+
+    def workers_needed(self) -> int:
+        """The fewest updates a step needs for the strategy's guarantees."""
+        return 1
+
+    @abstractmethod
+    def aggregate(self, global_state: StateDict, contributions: Sequence[Contribution]) -> StateDict:
+        """The next global model; never mutates its inputs."""
+
+    def note(self) -> Dict[str, Any]:
+        """What the last aggregate decided, for the round's record ({} when nothing)."""
+        return {}
+
+    def state_dict(self) -> Tuple[StateDict, Dict[str, Any]]:
+        """Tensors (server moments, a clipping center) and JSON values the checkpoint keeps."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: StateDict, values: Dict[str, Any]) -> None:
+        """Put back what state_dict returned, so --resume continues the same run."""
+
+
+class Composite(Strategy):
+    def __init__(
+        self, name: str, *, aggregator: Optional[Aggregator] = None, optimizer: Optional[ServerOptimizer] = None,
+        weighting: str = "examples", staleness_exponent: float = 0.0, proximal_mu: float = 0.0,
+        sample: int = 0, seed: int = 0,
+    ) -> None:
+        self.name = name
+        self.aggregator = aggregator or Mean()
+        self.optimizer = optimizer or Plain(1.0)
+        self.weighting = weighting
+        self.staleness_exponent = staleness_exponent
+        self.proximal_mu = proximal_mu
+        self.sample = sample
+        self.seed = seed
+
+    @property
+    def is_plain_fedavg(self) -> bool:
+        return (isinstance(self.aggregator, Mean) and isinstance(self.optimizer, Plain) and self.optimizer.lr == 1.0
+                and self.staleness_exponent == 0.0)
+
+    def select(self, version: int, available: Sequence[str]) -> List[str]:
+        """All of `available`, or `sample` of them drawn by (seed, version): the same
+        draw on a resumed run, and in simulation as on boards."""
+        if not self.sample or self.sample >= len(available):
+            return list(available)
+        chosen = random.Random(f"{self.seed}/{version}").sample(sorted(available), self.sample)
+        return [name for name in available if name in set(chosen)]
+
+    def configure(self, version: int, config: TrainConfig) -> TrainConfig:
+        return replace(config, proximal_mu=self.proximal_mu) if self.proximal_mu else config
+
+    def workers_needed(self) -> int:
+        return self.aggregator.workers_needed()
+
+    def weight(self, contribution: Contribution) -> float:
+        base = float(contribution.num_examples) if self.weighting == "examples" else 1.0
+        if self.staleness_exponent:
+            base *= polynomial(contribution.staleness, self.staleness_exponent)
+        return base
+
+    def aggregate(self, global_state: StateDict, contributions: Sequence[Contribution]) -> StateDict:
+        if not contributions:
+            raise ValueError("a server step needs at least one update")
+        weights = [self.weight(c) for c in contributions]
+        if self.is_plain_fedavg:
+            return fedavg([c.state for c in contributions], weights)
+        floats = [name for name, t in global_state.items() if t.is_floating_point()]
+        deltas = [{n: c.state[n].to(torch.float64) - global_state[n].to(torch.float64) for n in floats}
+                  for c in contributions]
+        step = self.optimizer.step(self.aggregator(deltas, weights))
+        counters = fedavg([{n: c.state[n] for n in global_state if n not in step} for c in contributions], weights) \
+            if len(step) < len(global_state) else {}
+        return {
+            name: (tensor.to(torch.float64) + step[name]).to(tensor.dtype) if name in step else counters[name]
+            for name, tensor in global_state.items()
+        }
+
+    def note(self) -> Dict[str, Any]:
+        return self.aggregator.note()
+
+    def state_dict(self) -> Tuple[StateDict, Dict[str, Any]]:
+        tensors = {f"optimizer/{k}": v for k, v in self.optimizer.state_dict().items()}
+        tensors.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        return tensors, {}
+
+    def load_state_dict(self, tensors: StateDict, values: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict({k[len("optimizer/"):]: v for k, v in tensors.items()
+                                        if k.startswith("optimizer/")})
+        self.aggregator.load_state_dict({k[len("aggregator/"):]: v for k, v in tensors.items()
+                                         if k.startswith("aggregator/")})
