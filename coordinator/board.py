@@ -97,6 +97,11 @@ class RunBoard:
             self.workers[name].state = TRAINING
         self.touch()
 
+    def worker_training(self, name: str) -> None:
+        """An asynchronous run's worker took a model version to train."""
+        self.workers[name].state = TRAINING
+        self.touch()
+
     def worker_done(self, name: str, round_number: int, seconds: float, loss: float) -> None:
         view = self.workers[name]
         view.state, view.last_contribution, view.failures, view.last_error = DONE, round_number, 0, ""

@@ -346,7 +346,8 @@ class Federation:
         settings = self.settings
         config = self.strategy.configure(round_number, replace(settings.train, lr=settings.lr_for(round_number)))
         self.board.start_round(round_number, names)
-        results = await asyncio.gather(*(self._train(n, round_number, config) for n in names), return_exceptions=True)
+        results = await asyncio.gather(*(self.train_on(n, round_number, config, self.global_weights) for n in names),
+                                       return_exceptions=True)
         arrived = []
         for name, result in zip(names, results):
             if isinstance(result, Update):
@@ -394,13 +395,27 @@ class Federation:
                  for u in arrived if u.worker not in rejected}
         return rejected, norms
 
+    def claim_problem(self, update: Update, config: TrainConfig) -> Optional[str]:
+        """Why `update`'s example count is impossible for `config` (screening), or None."""
+        return screening.claim_problem(update.num_examples, config, self._infos[update.worker].dataset_size)
+
+    def forget(self, name: str) -> None:
+        """A worker that failed may come back restarted, with other data: its GetInfo is
+        asked again before its next Train."""
+        self._infos.pop(name, None)
+
+    def adopt(self, weights: Weights, updates: List[Update]) -> None:
+        """A driver's new global model, and the updates it came from (scored with it)."""
+        self._weights = weights
+        self._updates = updates
+
     def _failed(self, round_number: int, name: str, reason: str, record: Dict[str, Any]) -> None:
         record["failed"][name] = reason
         delay = self.roster.failed(name, reason)
         self.board.worker_failed(name, reason)
         log.warning("round=%d worker=%s status=%s retry_in=%.1fs", round_number, name, reason, delay)
 
-    async def _train(self, name: str, round_number: int, config: TrainConfig) -> Update:
+    async def train_on(self, name: str, round_number: int, config: TrainConfig, weights: Weights) -> Update:
         """One worker's Train, timed as the coordinator sees it (both transfers included);
         a failed call is not a training time. A worker not heard from since its last
         failure (or since the start) is asked its GetInfo first, within the same
@@ -410,7 +425,7 @@ class Federation:
         if name not in self._infos:
             self._learn(name, await self.workers[name].info(timeout=deadline, wait=False))
         left = deadline - (time.perf_counter() - started)
-        update = await self.workers[name].train(round_number, config, self.global_weights, left)
+        update = await self.workers[name].train(round_number, config, weights, left)
         self.telemetry.observe_train(name, time.perf_counter() - started)
         return update
 
@@ -457,7 +472,7 @@ class Federation:
         })
         return record
 
-    async def _label_groups(self) -> List[report.LabelGroup]:
+    async def label_groups(self) -> List[report.LabelGroup]:
         """Groups of the workers known so far; one that was down at start is asked now."""
         for name in self.roster.names:
             if name not in self._infos:
@@ -474,7 +489,7 @@ class Federation:
         updates = self._updates if self.settings.score_updates else []
         tagged = [(u.worker, f"Model update {u.worker}", u.weights) for u in updates]
         tagged.append(("global", "Federated model", self.global_weights))
-        groups = await self._label_groups()
+        groups = await self.label_groups()
         self.say("Evaluating models")
         limit = asyncio.Semaphore(_CONCURRENT_EVALUATIONS)
         scores = await asyncio.gather(*(self._evaluate(key, w, timeout, limit) for key, _, w in tagged))

@@ -13,6 +13,7 @@ import grpc
 
 from coordinator import checkpoint, report, resume
 from coordinator.board import RunBoard
+from coordinator.buffered import BufferedDriver, Step, settle
 from coordinator.clients import Score, describe_failure
 from coordinator.federation import Federation, Fleet, RunFailed, RunSummary, Say
 from coordinator.progress import Progress
@@ -112,7 +113,8 @@ async def _run(
         board.first_round = first
         log.info("run=%s out=%s first_round=%d%s", federation.run_id, settings.out_dir, first,
                  " resumed" if first > 1 else "")
-        return await _rounds(settings, federation, metrics, first)
+        drive = _versions if settings.strategy.asynchronous else _rounds
+        return await drive(settings, federation, metrics, first)
     except BaseException as exc:
         board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
         raise
@@ -125,15 +127,20 @@ async def _run(
         telemetry.stop_http()
 
 
-def _commit(settings: RunSettings, federation: Federation, metrics: report.MetricsLog, record: Dict[str, Any]) -> None:
+def _commit(
+    settings: RunSettings, federation: Federation, metrics: report.MetricsLog, record: Dict[str, Any],
+    step: Optional[Step] = None,
+) -> None:
     """The checkpoint first, carrying the round's record, then the metrics line: a stop
     between the two leaves a checkpoint whose record --resume puts back, never a
-    metrics line without its checkpoint."""
+    metrics line without its checkpoint. An asynchronous `step` brings its own model
+    and strategy state (the fleet has moved on since)."""
     number, folder = record["round"], settings.out_dir / "checkpoint"
+    state = step.weights.state if step else federation.global_weights.state
+    strategy = step.strategy_state if step else federation.strategy.state_dict()
     with _writing(folder, f"free space, then --resume runs round {number} again"):
-        checkpoint.save(folder, number, federation.global_weights.state, federation.model,
-                        resume.run_identity(settings, federation.model), record, run_id=federation.run_id,
-                        strategy=federation.strategy.state_dict())
+        checkpoint.save(folder, number, state, federation.model, resume.run_identity(settings, federation.model),
+                        record, run_id=federation.run_id, strategy=strategy)
     with _writing(metrics.path, f"free space, then --resume takes round {number}'s record from its checkpoint"):
         metrics.write(record)
 
@@ -179,6 +186,65 @@ async def _rounds(settings: RunSettings, federation: Federation, metrics: report
     return RunSummary(
         rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,
         train_seconds=train_total, eval_seconds=eval_total, model_path=model_path,
+        workers=len(settings.workers), absent_at_start=dict(federation.absent),
+        never_contributed=[name for name in settings.workers if name not in contributed],
+    )
+
+
+async def _versions(
+    settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int,
+) -> RunSummary:
+    """Connect, then let the asynchronous driver make versions `first`..N; each is
+    committed once its evaluation (if due) is done, while the fleet trains on."""
+    board, say, telemetry = federation.board, federation.say, federation.telemetry
+    model_path = settings.out_dir / "model.safetensors"
+    final: Optional[Score] = None
+    contributed: Set[str] = set()
+    started = time.perf_counter()
+    await federation.connect()
+    connect_seconds = time.perf_counter() - started
+    say(f"Training asynchronously with {settings.strategy.describe()}: versions {first}..{settings.rounds}, "
+        f"evaluated every {settings.eval_every}")
+    driver = BufferedDriver(federation, first)
+    groups = await federation.label_groups()
+    last = time.perf_counter()
+    eval_total = 0.0
+    async for step in driver.steps():
+        record = step.record
+        version = record["version"]
+        telemetry.set_round(version)
+        waited = time.perf_counter()
+        score = await settle(step)
+        if step.evaluation is not None:
+            eval_total += time.perf_counter() - waited
+            if score is None:
+                record["evaluation_error"] = "the evaluator did not score this version (see the log)"
+            else:
+                record["evaluation"] = {"global": report.score_record(score)}
+                say(f"Version {version}/{settings.rounds} ({record['elapsed_s']:.1f}s):")
+                for line in report.score_lines("Federated model", score, groups):
+                    say(line)
+                board.evaluated(version, {"global": score})
+                telemetry.set_evaluation(version, {"global": score.metrics})
+                final = score if version == settings.rounds else final
+        now = time.perf_counter()
+        record["train_s"] = record["duration_s"] = now - last
+        last = now
+        contributed.update(record["workers"])
+        telemetry.set_workers_contributing(len(set(record["workers"])))
+        telemetry.observe_round(record["duration_s"], "completed")
+        board.end_round(record["duration_s"])
+        board.round = version
+        log.info("version=%d/%d updates=%d staleness=%s elapsed=%.1fs", version, settings.rounds,
+                 len(record["workers"]), [u["staleness"] for u in record["updates"].values()], record["elapsed_s"])
+        _commit(settings, federation, metrics, record, step)
+    with _writing(model_path, "free space, then --resume writes it from the last checkpoint"):
+        checkpoint.write_model(model_path, federation.global_weights.state, federation.model, settings.rounds)
+    board.end()
+    total = time.perf_counter() - started - connect_seconds
+    return RunSummary(
+        rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,
+        train_seconds=total - eval_total, eval_seconds=eval_total, model_path=model_path,
         workers=len(settings.workers), absent_at_start=dict(federation.absent),
         never_contributed=[name for name in settings.workers if name not in contributed],
     )

@@ -75,14 +75,14 @@ def clip_to_bound(
     averaged, notes = dict(states), {}
     for name, norm in norms.items():
         if norm > max_ratio * median:
-            averaged[name] = _scaled(states[name], base, median / norm)
+            averaged[name] = scaled(states[name], base, median / norm)
             notes[name] = (f"delta norm {norm:.4g} is {norm / median if median else math.inf:.1f}x the median "
                            f"{median:.4g} of the round's {len(norms)} updates (over {max_ratio:g}x, "
                            f"--max-norm-ratio); scaled down to the median")
     return averaged, notes
 
 
-def _scaled(state: StateDict, base: StateDict, factor: float) -> StateDict:
+def scaled(state: StateDict, base: StateDict, factor: float) -> StateDict:
     """base + factor x (state - base) over floating tensors, in float64; integer buffers
     are kept as sent (FedAvg averages them)."""
     return {

@@ -157,3 +157,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     for line in coordinator_cli.summary_lines(summary, settings):
         print(line, flush=True)
     return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())

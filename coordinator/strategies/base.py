@@ -30,13 +30,16 @@ from jetfed.config import TrainConfig
 @dataclass(frozen=True)
 class Contribution:
     """One proven update as a strategy sees it: the trained state, the examples it
-    claims, the model version it started from and the server steps taken meanwhile."""
+    claims, the model version it started from and the server steps taken meanwhile.
+    `base` is that version's weights when it is not the current global model (an
+    asynchronous update): the delta is taken from where the worker started."""
 
     worker: str
     state: StateDict
     num_examples: int
     base_version: int = 0
     staleness: int = 0
+    base: Optional[StateDict] = None
 
 
 class Strategy(ABC):
@@ -116,11 +119,11 @@ class Composite(Strategy):
         if not contributions:
             raise ValueError("a server step needs at least one update")
         weights = [self.weight(c) for c in contributions]
-        if self.is_plain_fedavg:
+        if self.is_plain_fedavg and all(c.base is None for c in contributions):
             return fedavg([c.state for c in contributions], weights)
         floats = [name for name, t in global_state.items() if t.is_floating_point()]
-        deltas = [{n: c.state[n].to(torch.float64) - global_state[n].to(torch.float64) for n in floats}
-                  for c in contributions]
+        deltas = [{n: c.state[n].to(torch.float64) - (global_state if c.base is None else c.base)[n].to(torch.float64)
+                   for n in floats} for c in contributions]
         step = self.optimizer.step(self.aggregator(deltas, weights))
         counters = fedavg([{n: c.state[n] for n in global_state if n not in step} for c in contributions], weights) \
             if len(step) < len(global_state) else {}

@@ -1,0 +1,232 @@
+"""The asynchronous driver (FedBuff, FedAsync): every worker trains continuously on the
+newest global model it can get; each update is buffered as it arrives, and every
+`buffer_size` updates the strategy takes a server step, making a new model version.
+
+Versions replace rounds: `--rounds N` is N server steps. Each update records the version
+it started from and its staleness (the steps taken while it trained); one staler than
+`max_staleness` is dropped, the others count (1 + staleness)^-exponent and are taken as
+deltas from the model they started from. A slow board never holds the fleet: the others
+go on, and its updates still count, discounted.
+
+Evaluation runs every --eval-every versions beside training, never blocking it: a
+version's record is committed (checkpoint, metrics line) once its evaluation is done,
+in version order, while the workers already train on later versions. A resumed run
+starts from the last committed version with an empty buffer (updates in flight when it
+stopped are lost), so unlike a synchronous run it is not bit-identical to an unbroken
+one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from coordinator import screening
+from coordinator.clients import Score, Update, Weights, describe_failure
+from coordinator.federation import Federation
+from coordinator.strategies.base import Contribution
+from jetfed.codec import StateDict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """A server step ready to commit: its record, its model, the strategy's state
+    then, and its evaluation when this version is scored."""
+
+    record: Dict[str, Any]
+    weights: Weights
+    strategy_state: Any
+    evaluation: Optional["asyncio.Future[Optional[Score]]"] = None
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    update: Update
+    base_version: int
+    dispatched: int
+
+
+class BufferedDriver:
+    def __init__(self, federation: Federation, first_version: int) -> None:
+        self.federation = federation
+        self.settings = federation.settings
+        params = self.settings.strategy.resolved()
+        self.buffer_size = int(params["buffer_size"])
+        self.max_staleness = int(params["max_staleness"])
+        # The model a version's updates started from, kept while an update may still refer to it.
+        self.version = first_version - 1
+        self.models: Dict[int, Weights] = {self.version: federation.global_weights}
+        self.buffer: List[_Arrival] = []
+        self.dropped: Dict[str, str] = {}
+        self.failed: Dict[str, str] = {}
+        self.dispatched = 0
+        self.started = time.perf_counter()
+        self._steps: "asyncio.Queue[Optional[Step]]" = asyncio.Queue()
+        self._done = asyncio.Event()
+
+    @property
+    def last_version(self) -> int:
+        return self.settings.rounds
+
+    async def steps(self) -> AsyncIterator[Step]:
+        """Run the fleet until the last version is made; yield each step as it is made."""
+        names = self.federation.strategy.select(self.version + 1, self.federation.roster.names)
+        loops = [asyncio.ensure_future(self._keep_busy(name)) for name in names]
+        try:
+            while True:
+                step = await self._steps.get()
+                if step is None:
+                    return
+                yield step
+        finally:
+            self._done.set()
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _keep_busy(self, name: str) -> None:
+        """One worker's loop: train on the newest model, hand the update in, again; after
+        a failure wait out the roster's backoff. Ends with the run."""
+        federation = self.federation
+        while not self._done.is_set():
+            record = federation.roster.record(name)
+            wait = record.retry_at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            base = self.version
+            self.dispatched += 1
+            number = self.dispatched
+            config = federation.strategy.configure(base, replace(self.settings.train, lr=self.settings.lr_for(base)))
+            federation.board.worker_training(name)
+            try:
+                update = await federation.train_on(name, number, config, self.models[base])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed call: recorded, backed off, asked again
+                federation.forget(name)
+                reason = describe_failure(exc)
+                self.failed[name] = reason
+                delay = federation.roster.failed(name, reason)
+                federation.board.worker_failed(name, reason)
+                log.warning("version=%d worker=%s status=%s retry_in=%.1fs", self.version, name, reason, delay)
+                continue
+            problem = federation.claim_problem(update, config)
+            if problem:
+                self.failed[name] = problem
+                federation.roster.failed(name, problem)
+                federation.board.worker_failed(name, problem)
+                continue
+            federation.roster.succeeded(name, self.version)
+            federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss)
+            self._arrive(_Arrival(update, base, number))
+
+    def _arrive(self, arrival: _Arrival) -> None:
+        staleness = self.version - arrival.base_version
+        if staleness > self.max_staleness:
+            self.dropped[arrival.update.worker] = (f"{staleness} versions stale (from version {arrival.base_version}), "
+                                                   f"over max_staleness {self.max_staleness}")
+            log.info("version=%d worker=%s update dropped: %s", self.version, arrival.update.worker,
+                     self.dropped[arrival.update.worker])
+            return
+        self.buffer.append(arrival)
+        if len(self.buffer) >= self.buffer_size and self.version < self.last_version:
+            self._step()
+
+    def _step(self) -> None:
+        """A server step over the buffer: clip loud updates (screening's rule, each from
+        its own base), aggregate, make the next version."""
+        federation = self.federation
+        arrivals, self.buffer = self.buffer, []
+        current = self.models[self.version]
+        states, clipped, norms = self._clipped(arrivals)
+        contributions = [
+            Contribution(a.update.worker, states[i], a.update.num_examples, a.base_version,
+                         self.version - a.base_version, None if a.base_version == self.version else
+                         self.models[a.base_version].state)
+            for i, a in enumerate(arrivals)
+        ]
+        new_state = federation.strategy.aggregate(current.state, contributions)
+        self.version += 1
+        weights = Weights.of(new_state, federation.model)
+        federation.adopt(weights, [a.update for a in arrivals])
+        self.models[self.version] = weights
+        for old in [v for v in self.models if v < self.version - self.max_staleness]:
+            del self.models[old]
+        record: Dict[str, Any] = {
+            "round": self.version, "version": self.version, "lr": self.settings.lr_for(self.version - 1),
+            "elapsed_s": time.perf_counter() - self.started,
+            "workers": [a.update.worker for a in arrivals],
+            "updates": _by_worker([{
+                "base_version": a.base_version, "staleness": self.version - 1 - a.base_version,
+                "num_examples": a.update.num_examples, "mean_loss": a.update.mean_loss,
+                "train_seconds": a.update.train_seconds, "device": a.update.device, "delta_norm": norms[i],
+            } for i, a in enumerate(arrivals)], [a.update.worker for a in arrivals]),
+            "failed": dict(self.failed), "dropped": dict(self.dropped), "clipped": clipped, "late": [],
+            "attempts": 1, "skipped": [],
+        }
+        note = federation.strategy.note()
+        if note:
+            record["strategy"] = note
+        self.failed, self.dropped = {}, {}
+        tensors, values = federation.strategy.state_dict()
+        step = Step(record, weights, ({k: v.clone() for k, v in tensors.items()}, dict(values)))
+        if federation.evaluator and self.settings.evaluates(self.version):
+            step.evaluation = asyncio.ensure_future(self._score(weights))
+        self._steps.put_nowait(step)
+        if self.version >= self.last_version:
+            self._steps.put_nowait(None)
+
+    def _clipped(self, arrivals: List[_Arrival]):  # type: ignore[no-untyped-def]
+        """Each state, scaled down to the median change when its change from its own base
+        is over --max-norm-ratio times the median (screening's rule); notes; norms."""
+        bases = [self.models[a.base_version].state for a in arrivals]
+        norms = [screening.delta_norm(a.update.weights.state, base) for a, base in zip(arrivals, bases)]
+        states: List[StateDict] = [a.update.weights.state for a in arrivals]
+        clipped: Dict[str, str] = {}
+        if len(norms) >= screening.MIN_UPDATES_FOR_NORM_RULE:
+            median = statistics.median(norms)
+            for i, norm in enumerate(norms):
+                if median > 0 and norm > self.settings.max_norm_ratio * median:
+                    states[i] = screening.scaled(states[i], bases[i], median / norm)
+                    clipped[arrivals[i].update.worker] = (f"delta norm {norm:.4g} is {norm / median:.1f}x the "
+                                                          f"median {median:.4g}; scaled down to the median")
+        return states, clipped, [n if math.isfinite(n) else float("nan") for n in norms]
+
+    async def _score(self, weights: Weights) -> Optional[Score]:
+        """The global model of a version on the evaluator; None when that fails (noted in
+        the log; training is never held for it)."""
+        evaluator = self.federation.evaluator
+        assert evaluator is not None
+        try:
+            return await evaluator.evaluate("global", weights, self.settings.eval_timeout)
+        except Exception as exc:  # an evaluator down is not the run's end
+            log.warning("version=%d evaluation failed: %s", self.version, describe_failure(exc))
+            return None
+
+
+def _by_worker(entries: List[Dict[str, Any]], workers: List[str]) -> Dict[str, Dict[str, Any]]:
+    """A step's updates keyed by worker, as a round's are; a worker with two updates in
+    one buffer (a fast board) has the second as "name#2"."""
+    keyed: Dict[str, Dict[str, Any]] = {}
+    for worker, entry in zip(workers, entries):
+        key, n = worker, 1
+        while key in keyed:
+            n += 1
+            key = f"{worker}#{n}"
+        keyed[key] = entry
+    return keyed
+
+
+async def settle(step: Step) -> Optional[Score]:
+    """The step's evaluation, once done (None when it was not scored or failed)."""
+    if step.evaluation is None:
+        return None
+    return await step.evaluation
+
