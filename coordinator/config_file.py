@@ -36,10 +36,10 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
     "transport": {"chunk_bytes": int, "max_payload_bytes": int},
 }
 # Keys besides `address` tell one launcher (`make run-local`) how to start each service:
-# its partition and data folder, and ([task]) the task's options; the coordinator never
+# its partition, data folder and emulated slowness, and ([task]) the task's options; the coordinator never
 # reads them (boards get the same as flags).
 _WORKER_KEYS = {"address": str, "labels": str, "shard": str, "dirichlet": float, "partition_seed": int,
-                "data_dir": str}
+                "data_dir": str, "slowdown": float}
 _EVALUATOR_KEYS = {"name": str, "address": str, "data_dir": str}
 _TASK_KEYS = {"options": dict, "data_dir": str}
 
@@ -165,6 +165,8 @@ def service_flags(path: Path, data_dir: Path) -> Dict[str, List[str]]:
             own += ["--shard", spec["shard"]]
         if "dirichlet" in spec:
             own += ["--dirichlet", str(spec["dirichlet"])]
+        if "slowdown" in spec:  # emulates a slower board (straggler studies)
+            own += ["--slowdown", str(spec["slowdown"])]
         flags[name] = [*common, "--data-dir", folder(spec), *own]
     evaluator = _check("evaluator", document.get("evaluator", {}), _EVALUATOR_KEYS)
     flags[evaluator.get("name", "testing")] = [*common, "--data-dir", folder(evaluator)]

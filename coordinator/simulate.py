@@ -113,7 +113,7 @@ def build_fleet(config: Path, args: argparse.Namespace) -> Tuple[Fleet, LocalTra
     started = time.perf_counter()
     workers: Dict[str, LocalWorker] = {}
     for name, own in flags.items():
-        parsed = parser.parse_args(own)
+        parsed, _ = parser.parse_known_args(own)  # --slowdown emulates time, which a simulation does not keep
         task = task_for(parsed)
         partition = partition_from_flags(parsed.labels, parsed.shard, parsed.dirichlet, parsed.partition_seed,
                                          len(task.classes))

@@ -222,6 +222,9 @@ class CenteredClip(Aggregator):
         center = self._center
         if center is None or set(center) != set(deltas[0]):
             center = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in deltas[0].items()}
+        # The deltas' order, not the checkpoint's: distances sum over tensors in this
+        # order, and a resumed run must add them up as the unbroken one did.
+        center = {name: center[name] for name in deltas[0]}
         result, self._radius = centered_clip(deltas, weights, center, self.tau, self.iterations)
         self._center = {name: t.clone() for name, t in result.items()}
         return result

@@ -121,7 +121,9 @@ class Composite(Strategy):
         weights = [self.weight(c) for c in contributions]
         if self.is_plain_fedavg and all(c.base is None for c in contributions):
             return fedavg([c.state for c in contributions], weights)
-        floats = [name for name, t in global_state.items() if t.is_floating_point()]
+        # Sorted: aggregators sum over tensors in this order (distances, norms), and a
+        # model read back from a checkpoint comes in the file's order, not the fleet's.
+        floats = sorted(name for name, t in global_state.items() if t.is_floating_point())
         deltas = [{n: c.state[n].to(torch.float64) - (global_state if c.base is None else c.base)[n].to(torch.float64)
                    for n in floats} for c in contributions]
         step = self.optimizer.step(self.aggregator(deltas, weights))
