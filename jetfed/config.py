@@ -30,7 +30,12 @@ class TrainConfig:
 
     `proximal_mu` > 0 adds FedProx's proximal term (Li et al. 2020), mu/2 ||w - w0||^2
     from the global model w0 the round started from, to every batch's loss: it keeps a
-    board with skewed data near the global model. 0 is plain local training."""
+    board with skewed data near the global model. 0 is plain local training.
+
+    `scaffold` asks for SCAFFOLD's corrected local steps (Karimireddy et al. 2020,
+    option II; jetfed.scaffold): the Train weights then carry the server's control
+    variate beside the model, and the worker keeps its own between rounds. The
+    correction and the control update assume plain SGD steps, so it needs "sgd"."""
 
     optimizer: str = "sgd"
     loss: str = "nll"
@@ -41,6 +46,7 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     proximal_mu: float = 0.0
+    scaffold: bool = False
 
     def validated(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -62,6 +68,11 @@ class TrainConfig:
         if not (math.isfinite(self.proximal_mu) and 0 <= self.proximal_mu <= MAX_PROXIMAL_MU):
             raise InvalidConfig(
                 f"proximal_mu: {self.proximal_mu} must be a finite number in [0, {MAX_PROXIMAL_MU:g}] (0 = no proximal term)"
+            )
+        if self.scaffold and self.optimizer != "sgd":
+            raise InvalidConfig(
+                f"scaffold: needs optimizer 'sgd', not {self.optimizer!r}: SCAFFOLD's correction and control "
+                "update assume plain SGD steps; set optimizer = \"sgd\" or scaffold = false"
             )
         return self
 

@@ -69,6 +69,7 @@ def config_to_proto(config: TrainConfig) -> training_pb2.TrainConfig:
         epochs=config.epochs,
         seed=config.seed,
         proximal_mu=config.proximal_mu,
+        scaffold=config.scaffold,
     )
 
 
@@ -86,6 +87,7 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
         epochs=message.epochs,
         seed=message.seed,
         proximal_mu=message.proximal_mu,
+        scaffold=message.scaffold,
     ).validated()
 
 

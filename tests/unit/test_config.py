@@ -16,6 +16,7 @@ def test_defaults_are_the_reference_recipe_and_valid():
         "sgd", "nll", 0.1, 32, 10, 1,
     )
     assert config.proximal_mu == 0.0  # plain local training: FedProx is asked for
+    assert config.scaffold is False  # and so is SCAFFOLD
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,8 @@ def test_defaults_are_the_reference_recipe_and_valid():
         {"batch_size": 65536, "epochs": 1000, "seed": 2**63 - 1},
         {"proximal_mu": 0.01},
         {"proximal_mu": 1000.0},
+        {"scaffold": True},
+        {"scaffold": True, "momentum": 0.5, "proximal_mu": 0.01},
     ],
 )
 def test_edges_inside_the_ranges_pass(changes):
@@ -64,3 +67,12 @@ def test_out_of_range_field_is_named_first(field, value):
     with pytest.raises(InvalidConfig) as caught:
         replace(TrainConfig(), **{field: value}).validated()
     assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_scaffold_with_adam_is_refused_naming_both_fields():
+    """SCAFFOLD's correction and its control update assume plain SGD steps."""
+    with pytest.raises(InvalidConfig) as caught:
+        TrainConfig(optimizer="adam", lr=1e-3, scaffold=True).validated()
+    message = str(caught.value)
+    assert message.startswith("scaffold: ")
+    assert "optimizer" in message and "'adam'" in message and "'sgd'" in message

@@ -19,6 +19,8 @@ from jetfed.v1 import training_pb2, weights_pb2, worker_pb2
         TrainConfig(optimizer="adam", lr=0.00125, momentum=0.5, batch_size=64, max_batches=0, epochs=3, seed=2**40),
         TrainConfig(proximal_mu=0.01),
         TrainConfig(proximal_mu=1000.0),
+        TrainConfig(scaffold=True),
+        TrainConfig(scaffold=True, lr=0.05, momentum=0.5, proximal_mu=0.1, seed=9),
     ],
 )
 def test_config_round_trip(config):
@@ -60,6 +62,24 @@ def test_a_bad_proximal_mu_from_the_wire_is_refused_by_name(mu):
     message = wire.config_to_proto(TrainConfig())
     message.proximal_mu = mu
     with pytest.raises(InvalidConfig, match="^proximal_mu: "):
+        wire.config_from_proto(message)
+
+
+def test_scaffold_travels_as_field_10_and_its_absence_reads_as_off():
+    message = wire.config_to_proto(TrainConfig(scaffold=True))
+    assert message.scaffold is True
+    parsed = training_pb2.TrainConfig.FromString(message.SerializeToString())
+    assert wire.config_from_proto(parsed).scaffold is True
+    assert training_pb2.TrainConfig.DESCRIPTOR.fields_by_name["scaffold"].number == 10
+    old = wire.config_to_proto(TrainConfig())
+    assert "scaffold" not in [field.name for field, _ in old.ListFields()]  # off: not on the wire at all
+    assert wire.config_from_proto(old).scaffold is False
+
+
+def test_scaffold_with_adam_from_the_wire_is_refused_by_name():
+    message = wire.config_to_proto(TrainConfig(scaffold=True))
+    message.optimizer = training_pb2.OPTIMIZER_ADAM
+    with pytest.raises(InvalidConfig, match="^scaffold: needs optimizer 'sgd', not 'adam'"):
         wire.config_from_proto(message)
 
 
