@@ -99,7 +99,8 @@ class Federation:
         self.settings = settings
         self.say = say
         self.telemetry = telemetry or RunTelemetry()
-        self.strategy = settings.strategy.build(weighting=settings.weighting, seed=settings.train.seed)
+        self.strategy = settings.strategy.build(weighting=settings.weighting, seed=settings.train.seed,
+                                                fleet_size=len(settings.workers))
         # Known once the fleet has answered (connect): its model, and the global weights.
         self.fleet: Optional[FleetModel] = None
         self._weights: Optional[Weights] = None
@@ -346,7 +347,11 @@ class Federation:
         settings = self.settings
         config = self.strategy.configure(round_number, replace(settings.train, lr=settings.lr_for(round_number)))
         self.board.start_round(round_number, names)
-        results = await asyncio.gather(*(self.train_on(n, round_number, config, self.global_weights) for n in names),
+        sent = self.global_weights
+        extras = self.strategy.companions(sent.state)
+        if extras:  # encoded once per attempt, for every worker asked
+            sent = Weights.of({**sent.state, **extras}, self.model)
+        results = await asyncio.gather(*(self.train_on(n, round_number, config, sent) for n in names),
                                        return_exceptions=True)
         arrived = []
         for name, result in zip(names, results):

@@ -59,6 +59,11 @@ class Strategy(ABC):
         """The fewest updates a step needs for the strategy's guarantees."""
         return 1
 
+    def companions(self, global_state: StateDict) -> StateDict:
+        """Tensors sent to the workers after the model's (SCAFFOLD's control variate);
+        {} sends the model alone."""
+        return {}
+
     @abstractmethod
     def aggregate(self, global_state: StateDict, contributions: Sequence[Contribution]) -> StateDict:
         """The next global model; never mutates its inputs."""

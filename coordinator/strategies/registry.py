@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from coordinator.strategies import aggregate, server_opt
 from coordinator.strategies.base import Composite
+from coordinator.strategies.scaffold import Scaffold
 from jetfed.errors import InvalidConfig
 
 DEFAULT_STRATEGY = "fedavg"
@@ -80,6 +81,8 @@ class Preset:
     defaults: Mapping[str, Any]
     asynchronous: bool = False
     reference: str = ""
+    # The parameters it takes when its parts are fixed (None: those of its parts).
+    fixed: Optional[Tuple[str, ...]] = None
 
 
 # The parameters each part reads, besides `aggregator` and `server_optimizer` themselves.
@@ -108,6 +111,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            {"server_optimizer": "adagrad", "server_lr": 0.01, "beta1": 0.0}, reference="Reddi et al. 2021"),
     Preset("fedprox", "FedAvg with a proximal term on the workers: local models stay near the global one",
            {"mu": 0.01}, reference="Li et al. 2020"),
+    Preset("scaffold", "control variates correct each worker's drift toward its own data (plain SGD on the "
+           "workers; each keeps its control variate in --state-dir)", {}, reference="Karimireddy et al. 2020",
+           fixed=("sample", "server_lr")),
     Preset("median", "coordinate-wise median: withstands f hostile workers of 2f+1",
            {"aggregator": "median"}, reference="Yin et al. 2018"),
     Preset("trimmed-mean", "coordinate-wise mean without the f largest and smallest values (2f+1 workers)",
@@ -129,6 +135,8 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
 
 def parameters_of(preset: Preset, values: Mapping[str, Any]) -> List[str]:
     """The parameters a strategy reads given its parts (`values` chooses them)."""
+    if preset.fixed is not None:
+        return list(preset.fixed)
     names = [*_COMMON, *_AGGREGATOR_PARAMS[values["aggregator"]], *_OPTIMIZER_PARAMS[values["server_optimizer"]]]
     if preset.asynchronous:
         names += _ASYNC
@@ -145,7 +153,7 @@ def resolve(name: str, given: Mapping[str, Any]) -> Dict[str, Any]:
                             "(`jetfed strategies` lists them with their parameters)")
     values = {**_BASE, **preset.defaults}
     for key in ("aggregator", "server_optimizer"):
-        if key in given:
+        if key in given and preset.fixed is None:
             values[key] = PARAMS[key].parse(given[key], name)
     allowed = parameters_of(preset, values)
     for key, value in given.items():
@@ -169,11 +177,14 @@ class StrategySpec:
     def asynchronous(self) -> bool:
         return self.name in PRESETS and PRESETS[self.name].asynchronous
 
-    def build(self, *, weighting: str = "examples", seed: int = 0) -> Composite:
+    def build(self, *, weighting: str = "examples", seed: int = 0, fleet_size: int = 1) -> Composite:
         values = self.resolved()
+        if self.name == "scaffold":
+            return Scaffold(self.name, server_lr=values["server_lr"], fleet_size=fleet_size, weighting=weighting,
+                            sample=values["sample"], seed=seed)
         return Composite(
             self.name, aggregator=_aggregator(values), optimizer=_optimizer(values), weighting=weighting,
-            staleness_exponent=values.get("staleness_exponent", 0.0), proximal_mu=values["mu"],
+            staleness_exponent=values.get("staleness_exponent", 0.0), proximal_mu=values.get("mu", 0.0),
             sample=values["sample"], seed=seed,
         )
 

@@ -201,3 +201,24 @@ def test_a_robust_rule_refuses_a_quorum_that_cannot_hold_it() -> None:
                 strategy=StrategySpec("krum", {"f": 2})).validated()
     sampled = RunSettings(workers=workers, evaluator=None, out_dir=Path("."), strategy=StrategySpec("fedavg", {"sample": 4}))
     assert sampled.validated().quorum == 3
+
+
+def test_scaffold_control_variate_by_hand() -> None:
+    from coordinator.strategies.scaffold import sgd_steps
+    from jetfed.config import TrainConfig
+
+    s = StrategySpec("scaffold").build(fleet_size=2)
+    recipe = s.configure(1, TrainConfig(lr=0.1, batch_size=10, max_batches=2))
+    assert recipe.scaffold and sgd_steps(20, recipe) == 2
+    assert s.companions(state(0.0)) == {"control/w": torch.tensor([0.0])}
+    g = s.aggregate(state(0.0), [Contribution("a", state(-0.5), 20)])
+    assert g["w"].tolist() == [-0.5]
+    # delta_c = -c - delta_y / (K lr) = 0 + 0.5 / 0.2 = 2.5; c += |S|/N * mean = 1/2 * 2.5
+    assert s.companions(g)["control/w"].tolist() == [1.25]
+    s.configure(2, TrainConfig(lr=0.1, batch_size=10, max_batches=2))
+    s.aggregate(g, [Contribution("a", state(-0.5), 20), Contribution("b", state(-0.1), 20)])
+    # delta_c: a: -1.25 - 0 / 0.2 = -1.25; b: -1.25 - 0.4 / 0.2 = -3.25; c += 2/2 * mean = -2.25
+    assert s.companions(g)["control/w"].item() == pytest.approx(1.25 - 2.25)
+    resumed = StrategySpec("scaffold").build(fleet_size=2)
+    resumed.load_state_dict(*s.state_dict())
+    assert torch.equal(resumed.companions(g)["control/w"], s.companions(g)["control/w"])
