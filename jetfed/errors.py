@@ -81,6 +81,14 @@ class TrainingStopped(JetfedError):
     code = grpc.StatusCode.CANCELLED
 
 
+class WorkerStateError(JetfedError):
+    """The worker's own state on its disk (SCAFFOLD's control variates, worker
+    --state-dir) cannot be written, or what is there cannot be trusted; the message
+    names the setting or the file and what to do."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class WorkerBusy(JetfedError):
     """A worker already holds a round (training it, or stopping an abandoned one)."""
 

@@ -36,7 +36,8 @@ def service_parser(prog: str, description: str, default_port: int, default_strea
     parser.add_argument("--threads", type=int, help="torch CPU threads (give co-located services a fair share)")
     parser.add_argument(
         "--max-payload-bytes", type=int,
-        help="largest weight stream accepted (default: the served model's size plus 10%% and 1 MiB)",
+        help="largest weight stream accepted (default: the largest the served model needs plus 10%% and 1 MiB; on a "
+             "worker, a SCAFFOLD round's: the model and its control variate)",
     )
     parser.add_argument(
         STREAMS_SETTING, type=int, default=default_streams,
@@ -109,12 +110,16 @@ def server_security(
     return (files.server_credentials() if files else None), [guard]
 
 
-def max_payload_bytes(args: argparse.Namespace, task: Task) -> int:
+def max_payload_bytes(
+    args: argparse.Namespace, task: Task, spec_of: Callable[[codec.StateDict], Tuple[codec.TensorInfo, ...]] = codec.spec_of,
+) -> int:
     """--max-payload-bytes, or by default what the served model needs (stream.payload_limit
     of the largest encoding of its tensors): a limit that follows the model never lets a
-    stream buffer hundreds of megabytes for a model of two."""
+    stream buffer hundreds of megabytes for a model of two. `spec_of` gives the tensors
+    the largest stream carries for the model's state_dict (a worker's: the model and
+    SCAFFOLD's control variate); a stream is still held to its own manifest's size."""
     if args.max_payload_bytes is None:
-        spec = codec.spec_of(task.build_model().state_dict())
+        spec = spec_of(task.build_model().state_dict())
         return stream.payload_limit(codec.payload_size_range(spec)[1])
     if args.max_payload_bytes < 1:
         raise InvalidConfig(f"--max-payload-bytes: {args.max_payload_bytes} must be at least 1")

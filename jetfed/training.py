@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from jetfed.config import TrainConfig
 from jetfed.data import LabeledImages
 from jetfed.errors import TrainingStopped
+from jetfed.scaffold import ControlVariates, Correction, control_names, next_client_control
 from jetfed.tasks.base import Evaluation, Examples, TensorExamples, TrainOutcome
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,7 +66,7 @@ class ProximalTerm:
 
 def train_round(
     model: nn.Module, data: Examples, config: TrainConfig, seed: int, stop: Optional[threading.Event] = None,
-    loss: Loss = F.nll_loss,
+    loss: Loss = F.nll_loss, controls: Optional[ControlVariates] = None,
 ) -> TrainOutcome:
     """Train `model` in place on shuffled batches; a fresh optimizer every round, as the
     reference did, so no state leaks from one global model to the next.
@@ -76,18 +77,26 @@ def train_round(
 
     With `config.proximal_mu` > 0 each batch's backward pass also takes FedProx's
     proximal term (ProximalTerm); the mean loss reported stays the task's loss, so
-    rounds with and without the term compare. At 0 the loop runs no extra op."""
+    rounds with and without the term compare. At 0 the loop runs no extra op.
+
+    With `controls` (SCAFFOLD: the server's c and this worker's c_i) each batch's loss
+    also takes the Correction, whose gradient is c - c_i; the optimizer steps K are
+    counted, and the outcome carries this worker's next c_i (jetfed.scaffold's
+    next_client_control from the model as loaded and as trained). Without, none of
+    it runs and `client_control` is None."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     order_rng = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(config, model)
     proximal = ProximalTerm(model, config.proximal_mu) if config.proximal_mu > 0 else None
+    correction = Correction(model, controls) if controls is not None else None
+    start = _floating_copy(model) if controls is not None else {}
     batches = math.ceil(len(data) / config.batch_size)
     if config.max_batches:
         batches = min(batches, config.max_batches)
     model.train()
     loss_sum = torch.zeros((), device=data.device)
-    examples = 0
+    examples = steps = 0
     for _ in range(config.epochs):
         order = torch.randperm(len(data), generator=order_rng)
         slices = (order[b * config.batch_size:(b + 1) * config.batch_size] for b in range(batches))
@@ -97,12 +106,25 @@ def train_round(
             optimizer.zero_grad()
             batch_loss = loss(model(inputs), labels)
             objective = batch_loss if proximal is None else batch_loss + proximal()
+            if correction is not None:
+                objective = objective + correction()
             objective.backward()
             optimizer.step()
+            steps += 1
             loss_sum += batch_loss.detach() * len(labels)
             examples += len(labels)
     mean_loss = float(loss_sum) / max(examples, 1)
-    return TrainOutcome(model.state_dict(), examples, mean_loss, time.perf_counter() - started)
+    state = model.state_dict()
+    client_control = None
+    if controls is not None:
+        client_control = next_client_control(controls, start, state, steps, config.lr)
+    return TrainOutcome(state, examples, mean_loss, time.perf_counter() - started, client_control)
+
+
+def _floating_copy(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's floating tensors as loaded, before any step: SCAFFOLD's x."""
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in control_names(state)}
 
 
 def evaluate(

@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from jetfed import devices, stream
+from jetfed import devices, scaffold, stream
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, WORK_SETTING, work_limit
 from jetfed.partitions import add_partition_arguments, partition_from_flags
 from jetfed.service_cli import (
@@ -37,6 +37,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
              "waits (FACTOR-1) x its training time before answering, and reports the whole as the round's train "
              "seconds (default 1: this board's own speed; at most 1000)",
     )
+    parser.add_argument(
+        scaffold.STATE_DIR_SETTING, metavar="DIR",
+        help="where this worker keeps its own state between rounds and across restarts: SCAFFOLD's control variate, "
+             "per run and round (default: ~/.local/state/jetfed/NAME; created 0700 on first use)",
+    )
     return parser.parse_args(argv)
 
 
@@ -46,17 +51,20 @@ async def serve(args: argparse.Namespace) -> None:
     admission = stream_limit(args, descriptor, ["Evaluate"], f"worker {args.name}")
     work = work_limit(args.max_examples_per_round)
     slowdown = slowdown_factor(args.slowdown)
+    state_dir = scaffold.state_dir(args.state_dir, args.name)
     devices.set_threads(args.threads)
     device = devices.resolve_device(args.device)
     stream.check_chunk_size(args.chunk_bytes)
     task = task_from_args(args, device)
-    payload_limit = max_payload_bytes(args, task)
+    # A SCAFFOLD round's weights carry the server's control variate beside the model.
+    payload_limit = max_payload_bytes(args, task, spec_of=scaffold.train_spec)
+    controls = scaffold.ControlStore(state_dir, task.model_name)
     partition = partition_from_flags(args.labels, args.shard, args.dirichlet, args.partition_seed, len(task.classes))
     data = task.load("train", partition)
     print(task.describe("train", data, args.name), flush=True)
     label = devices.describe(device)
-    log.info("worker=%s device=%s task=%s model=%s partition=%s max_payload_bytes=%d", args.name, label, task.name,
-             task.model_name, partition.describe(), payload_limit)
+    log.info("worker=%s device=%s task=%s model=%s partition=%s max_payload_bytes=%d state_dir=%s", args.name, label,
+             task.name, task.model_name, partition.describe(), payload_limit, controls.folder)
     if slowdown != 1.0:
         log.warning("emulating a board %gx slower: %s %g", slowdown, SLOWDOWN_SETTING, slowdown)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
@@ -64,7 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
     service = WorkerService(
         args.name, task, data, device_label=label, executor=executor, chunk_bytes=args.chunk_bytes,
         max_payload_bytes=payload_limit, receive_timeout=args.receive_timeout, telemetry=telemetry,
-        max_examples_per_round=work, slowdown=slowdown,
+        max_examples_per_round=work, slowdown=slowdown, control_store=controls,
     )
     service.warm_up()
     try:

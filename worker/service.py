@@ -8,14 +8,15 @@ import logging
 import math
 import time
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 import torch
 
-from jetfed import codec, wire
+from jetfed import codec, scaffold, wire
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, TrainConfig
-from jetfed.errors import InvalidConfig, StreamStalled, TrainingStopped
+from jetfed.errors import InvalidConfig, ManifestMismatch, StreamStalled, TrainingStopped, WorkerStateError
+from jetfed.scaffold import CONTROL_PREFIX, ControlStore, ControlVariates
 from jetfed.scoring import Scorer
 from jetfed.serving import RunningServer
 from jetfed.status import rpc_status
@@ -65,18 +66,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     times the training's measured seconds on the event loop, holding the worker as a
     slower board would, and reports the whole as train_seconds. The sleep is the
     call's, so a cancelled call or one past its deadline ends it at once.
+
+    A SCAFFOLD round (config.scaffold) brings the server's control variate after the
+    model's tensors (jetfed.scaffold); the worker trains with its own c_i from
+    `control_store`, and keeps the next c_i there once the whole result has been handed
+    to its caller, so a call that ends without its result leaves the stored c_i as the
+    coordinator last knew it. Without a store, SCAFFOLD rounds are refused.
     """
 
     def __init__(
         self, name: str, task: Task, data: Examples, *, device_label: str, executor: Executor, chunk_bytes: int,
         max_payload_bytes: int, receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
         max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND, slowdown: float = 1.0,
+        control_store: Optional[ControlStore] = None,
     ) -> None:
         self._name = name
         self._task = task
         self._model_name = task.model_name
         self._model = task.build_model().to(data.device)
         self._spec = codec.spec_of(self._model.state_dict())
+        self._scaffold_spec = scaffold.train_spec(self._model.state_dict())
+        self._controls = control_store
+        self._task_takes_controls = scaffold.takes_controls(task)
         self._data = data
         self._device_label = device_label
         self._executor = executor
@@ -109,11 +120,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 config = wire.config_from_proto(head.config)
                 state = codec.decode(manifest, payload)
                 codec.require_finite(state)
+                state, server_control = scaffold.split_controls(state) if config.scaffold else (state, None)
                 seed = derive_seed(config.seed, head.round, self._name)
-                outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed)
+                outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed, server_control)
                 outcome = await self._as_slower_board(head.round, outcome, compute_seconds)
                 for message in self._result_messages(head, outcome):
                     yield message
+                if outcome.client_control is not None and self._controls is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._controls.save, held.run_id, held.number, outcome.client_control,
+                    )
             finally:
                 self._runs.ended(held.run_id)
                 if not held.outlives_call:
@@ -158,15 +174,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise InvalidConfig(f"round: {head.round} must be in 0..{MAX_ROUND}")
         config = wire.config_from_proto(head.config)
         config.require_work_within(len(self._data), self._max_examples)
-        codec.check_manifest(manifest, self._model_name, self._spec)
+        self._check_weights(manifest, config.scaffold)
+
+    def _check_weights(self, manifest: codec.Manifest, scaffold_round: bool) -> None:
+        """The served model's tensors; in a SCAFFOLD round, the server's control variate too."""
+        carries_controls = any(t.name.startswith(CONTROL_PREFIX) for t in manifest.tensors)
+        if scaffold_round and self._controls is None:
+            raise WorkerStateError("config.scaffold: this worker keeps no SCAFFOLD state (it was built without a "
+                                   "control store); start it with jetfed worker, whose --state-dir gives one")
+        if scaffold_round and not carries_controls:
+            raise ManifestMismatch(
+                f"config.scaffold: the weights hold no {CONTROL_PREFIX} tensors; a SCAFFOLD round's weights are the "
+                f"model's tensors followed by the server control variate, {CONTROL_PREFIX}<name> for each of the "
+                f"model's {len(self._scaffold_spec) - len(self._spec)} floating tensors"
+            )
+        if carries_controls and not scaffold_round:
+            raise ManifestMismatch(f"manifest.tensors: {CONTROL_PREFIX} tensors (SCAFFOLD's server control variate) "
+                                   "come only with config.scaffold; set it, or send the model alone")
+        codec.check_manifest(manifest, self._model_name, self._scaffold_spec if scaffold_round else self._spec)
 
     async def _train_until_abandoned(
         self, held: Round, state: codec.StateDict, config: TrainConfig, seed: int,
+        server_control: Optional[codec.StateDict] = None,
     ) -> Tuple[TrainOutcome, float]:
         """Train in the torch thread. If this call ends first, the round is abandoned:
         it stops at its next batch and keeps the worker until its thread is done."""
         training = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._train, state, config, seed, held
+            self._executor, self._train, state, config, seed, held, server_control
         )
         try:
             return await asyncio.shield(training)
@@ -272,13 +306,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._task.train(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
         self._scorer.warm_up()
 
-    def _train(self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round) -> Tuple[TrainOutcome, float]:
+    def _train(
+        self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round,
+        server_control: Optional[codec.StateDict],
+    ) -> Tuple[TrainOutcome, float]:
         """The torch thread's part: the outcome and the training's wall seconds, measured
         here since a custom loop may report none; says how soon a round told to stop did."""
+        extra: Dict[str, ControlVariates] = {}
+        if server_control is not None and self._controls is not None:
+            if self._task_takes_controls:
+                client = self._controls.load(held.run_id, held.number, server_control)
+                extra["controls"] = ControlVariates(server_control, client)
+            else:
+                log.warning("train round=%d run=%s: task %s's own training loop takes no SCAFFOLD controls: "
+                            "this round trains uncorrected", held.number, held.run_id or "-", self._task.name)
         self._model.load_state_dict(state)
         started = time.perf_counter()
         try:
-            return self._task.train(self._model, self._data, config, seed, held.stop), time.perf_counter() - started
+            outcome = self._task.train(self._model, self._data, config, seed, held.stop, **extra)
+            return outcome, time.perf_counter() - started
         except TrainingStopped:
             assert held.abandoned_at is not None
             log.info("train round=%d run=%s stopped %.3fs after it was abandoned", held.number, held.run_id or "-",

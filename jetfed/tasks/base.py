@@ -15,7 +15,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from torch.nn import functional as F
 from jetfed.config import TrainConfig
 from jetfed.errors import InvalidConfig
 from jetfed.partitions import Partition
+
+if TYPE_CHECKING:
+    from jetfed.scaffold import ControlVariates
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -95,6 +98,9 @@ class TrainOutcome:
     num_examples: int
     mean_loss: float
     seconds: float
+    # SCAFFOLD: this worker's next control variate c_i, from a loop given `controls`
+    # (jetfed.training.train_round); None otherwise, and the worker then keeps none.
+    client_control: Optional[Dict[str, torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
@@ -165,12 +171,17 @@ class Task(ABC):
 
     def train(
         self, model: nn.Module, data: Examples, config: TrainConfig, seed: int,
-        stop: Optional[threading.Event] = None,
+        stop: Optional[threading.Event] = None, controls: Optional["ControlVariates"] = None,
     ) -> TrainOutcome:
-        """One round of local training; see jetfed.training.train_round."""
+        """One round of local training; see jetfed.training.train_round.
+
+        `controls` comes with a SCAFFOLD round (config.scaffold): pass it on to
+        train_round, which corrects each step and returns the next c_i. A task whose own
+        loop has no `controls` parameter still works: its SCAFFOLD rounds train
+        uncorrected and the worker keeps no c_i for them (it says so in its log)."""
         from jetfed.training import train_round
 
-        return train_round(model, data, config, seed, stop, loss=self.loss)
+        return train_round(model, data, config, seed, stop, loss=self.loss, controls=controls)
 
     def evaluate(self, model: nn.Module, data: Examples, batch_size: int, limit: Optional[int] = None) -> Evaluation:
         """Loss, accuracy and per-class recall; see jetfed.training.evaluate."""
