@@ -66,6 +66,9 @@ class BufferedDriver:
         self.dropped: Dict[str, str] = {}
         self.failed: Dict[str, str] = {}
         self.dispatched = 0
+        self.balance = bool(params["balance"])
+        # Each worker's mean seconds per update (dispatch to arrival), for `balance`.
+        self.pace: Dict[str, float] = {}
         self.started = time.perf_counter()
         self._steps: "asyncio.Queue[Optional[Step]]" = asyncio.Queue()
         self._done = asyncio.Event()
@@ -73,6 +76,19 @@ class BufferedDriver:
     @property
     def last_version(self) -> int:
         return self.settings.rounds
+
+    def lr(self, version: int) -> float:
+        """The recipe's lr schedule in rounds' worth of updates: a version takes
+        buffer_size updates where a round takes one per worker, so the lr decays per
+        update as in a synchronous run of the same fleet."""
+        workers = max(len(self.federation.roster.names), 1)
+        return self.settings.lr_for(1 + version * self.buffer_size / workers)
+
+    def _pace(self, name: str) -> float:
+        """`name`'s time per update over the fleet's mean (1 until two have answered)."""
+        if not self.balance or len(self.pace) < 2 or name not in self.pace:
+            return 1.0
+        return self.pace[name] / (sum(self.pace.values()) / len(self.pace))
 
     async def steps(self) -> AsyncIterator[Step]:
         """Run the fleet until the last version is made; yield each step as it is made."""
@@ -103,8 +119,9 @@ class BufferedDriver:
             base = self.version
             self.dispatched += 1
             number = self.dispatched
-            config = federation.strategy.configure(base, replace(self.settings.train, lr=self.settings.lr_for(base)))
+            config = federation.strategy.configure(base, replace(self.settings.train, lr=self.lr(base)))
             federation.board.worker_training(name)
+            asked = time.perf_counter()
             try:
                 update = await federation.train_on(name, number, config, self.models[base])
             except asyncio.CancelledError:
@@ -123,6 +140,8 @@ class BufferedDriver:
                 federation.roster.failed(name, problem)
                 federation.board.worker_failed(name, problem)
                 continue
+            seconds = time.perf_counter() - asked
+            self.pace[name] = seconds if name not in self.pace else 0.7 * self.pace[name] + 0.3 * seconds
             federation.roster.succeeded(name, self.version)
             federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss)
             self._arrive(_Arrival(update, base, number))
@@ -146,10 +165,11 @@ class BufferedDriver:
         arrivals, self.buffer = self.buffer, []
         current = self.models[self.version]
         states, clipped, norms = self._clipped(arrivals)
+        paces = [self._pace(a.update.worker) for a in arrivals]
         contributions = [
             Contribution(a.update.worker, states[i], a.update.num_examples, a.base_version,
                          self.version - a.base_version, None if a.base_version == self.version else
-                         self.models[a.base_version].state)
+                         self.models[a.base_version].state, pace=paces[i])
             for i, a in enumerate(arrivals)
         ]
         new_state = federation.strategy.aggregate(current.state, contributions)
@@ -160,13 +180,14 @@ class BufferedDriver:
         for old in [v for v in self.models if v < self.version - self.max_staleness]:
             del self.models[old]
         record: Dict[str, Any] = {
-            "round": self.version, "version": self.version, "lr": self.settings.lr_for(self.version - 1),
+            "round": self.version, "version": self.version, "lr": self.lr(self.version - 1),
             "elapsed_s": time.perf_counter() - self.started,
             "workers": [a.update.worker for a in arrivals],
             "updates": _by_worker([{
                 "base_version": a.base_version, "staleness": self.version - 1 - a.base_version,
                 "num_examples": a.update.num_examples, "mean_loss": a.update.mean_loss,
                 "train_seconds": a.update.train_seconds, "device": a.update.device, "delta_norm": norms[i],
+                "pace": paces[i],
             } for i, a in enumerate(arrivals)], [a.update.worker for a in arrivals]),
             "failed": dict(self.failed), "dropped": dict(self.dropped), "clipped": clipped, "late": [],
             "attempts": 1, "skipped": [],

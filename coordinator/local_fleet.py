@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from coordinator.clients import Score, Update, Weights
-from jetfed import codec
+from jetfed import codec, scaffold
+from jetfed.codec import StateDict
 from jetfed.codec import TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.info import service_info
+from jetfed.scaffold import ControlVariates
 from jetfed.tasks.base import Examples, Task
 from jetfed.training import derive_seed
 from jetfed.v1 import info_pb2
@@ -65,6 +67,16 @@ class LocalWorker:
         self.run_id = ""
         self.data = data
         self._trainer = trainer
+        # SCAFFOLD's c_i by the round that made it, in memory (a board keeps it in
+        # --state-dir): a round uses the newest from an earlier round, as the board does.
+        self._controls: Dict[int, StateDict] = {}
+
+    def _client_control(self, round_number: int, like: StateDict) -> StateDict:
+        earlier = [r for r in self._controls if r < round_number]
+        for old in [r for r in self._controls if r >= round_number or (earlier and r < max(earlier))]:
+            if old != (max(earlier) if earlier else None):
+                del self._controls[old]
+        return self._controls[max(earlier)] if earlier else scaffold.zero_controls(like)
 
     def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
         """Nothing to check: the weights never leave the process."""
@@ -87,8 +99,15 @@ class LocalWorker:
 
     def _train(self, round_number: int, config: TrainConfig, weights: Weights) -> Update:
         trainer = self._trainer
-        trainer.model.load_state_dict(weights.state)
-        outcome = trainer.task.train(trainer.model, self.data, config, derive_seed(config.seed, round_number, self.name))
+        state, server_control = scaffold.split_controls(weights.state) if config.scaffold else (weights.state, None)
+        trainer.model.load_state_dict(state)
+        extra = {}
+        if server_control is not None:
+            extra["controls"] = ControlVariates(server_control, self._client_control(round_number, server_control))
+        outcome = trainer.task.train(trainer.model, self.data, config, derive_seed(config.seed, round_number, self.name),
+                                     **extra)
+        if outcome.client_control is not None:
+            self._controls[round_number] = outcome.client_control
         state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
         return Update(worker=self.name, weights=Weights.of(state, trainer.task.model_name),
                       num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,

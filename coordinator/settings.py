@@ -133,7 +133,7 @@ class RunSettings:
         self.train.validated()
         return self
 
-    def lr_for(self, round_number: int) -> float:
+    def lr_for(self, round_number: float) -> float:
         """The reference's schedule: lr shrinks by `lr_decay` each round, floored at
         `lr_min_factor` times the starting lr."""
         base = self.train.lr

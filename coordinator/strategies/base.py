@@ -40,6 +40,9 @@ class Contribution:
     base_version: int = 0
     staleness: int = 0
     base: Optional[StateDict] = None
+    # How much rarer this worker's updates are than the fleet's average (asynchronous
+    # runs with `balance`: its mean time per update over the fleet's); 1 in rounds.
+    pace: float = 1.0
 
 
 class Strategy(ABC):
@@ -115,10 +118,17 @@ class Composite(Strategy):
         return self.aggregator.workers_needed()
 
     def weight(self, contribution: Contribution) -> float:
-        base = float(contribution.num_examples) if self.weighting == "examples" else 1.0
+        """The update's share of the mean: its examples (or 1, --weighting equal)."""
+        return float(contribution.num_examples) if self.weighting == "examples" else 1.0
+
+    def discount(self, contribution: Contribution) -> float:
+        """How much of its change an update brings (FedBuff: (1 + staleness)^-a, times
+        its worker's pace); 1 in synchronous rounds. A factor on the delta, not a share
+        of the mean: a buffer of stale updates moves the model less, as in the paper."""
+        factor = contribution.pace
         if self.staleness_exponent:
-            base *= polynomial(contribution.staleness, self.staleness_exponent)
-        return base
+            factor *= polynomial(contribution.staleness, self.staleness_exponent)
+        return factor
 
     def aggregate(self, global_state: StateDict, contributions: Sequence[Contribution]) -> StateDict:
         if not contributions:
@@ -129,8 +139,8 @@ class Composite(Strategy):
         # Sorted: aggregators sum over tensors in this order (distances, norms), and a
         # model read back from a checkpoint comes in the file's order, not the fleet's.
         floats = sorted(name for name, t in global_state.items() if t.is_floating_point())
-        deltas = [{n: c.state[n].to(torch.float64) - (global_state if c.base is None else c.base)[n].to(torch.float64)
-                   for n in floats} for c in contributions]
+        deltas = [{n: (c.state[n].to(torch.float64) - (global_state if c.base is None else c.base)[n].to(torch.float64))
+                   * self.discount(c) for n in floats} for c in contributions]
         step = self.optimizer.step(self.aggregator(deltas, weights))
         counters = fedavg([{n: c.state[n] for n in global_state if n not in step} for c in contributions], weights) \
             if len(step) < len(global_state) else {}

@@ -70,6 +70,8 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
     Param("sample", int, "workers drawn per round, seeded by --seed and the round (0: all)", 0, 1_000_000),
     Param("buffer_size", int, "updates per server step (asynchronous)", 1, 1_000_000),
     Param("max_staleness", int, "updates older than this many server steps are dropped (asynchronous)", 0, 1_000_000),
+    Param("balance", int, "1: a slow worker's update counts its time per update over the fleet's mean, so its "
+          "data weighs as a fast worker's (asynchronous)", 0, 1),
     Param("staleness_exponent", float, "an update s steps stale counts (1 + s)^-exponent (asynchronous)", 0.0, 10.0),
 )}
 
@@ -92,17 +94,17 @@ _OPTIMIZER_PARAMS = {"plain": ("server_lr",), "momentum": ("server_lr", "momentu
                      "adam": ("server_lr", "beta1", "beta2", "tau"), "yogi": ("server_lr", "beta1", "beta2", "tau"),
                      "adagrad": ("server_lr", "beta1", "tau")}
 _COMMON = ("aggregator", "server_optimizer", "mu", "sample")
-_ASYNC = ("buffer_size", "max_staleness", "staleness_exponent")
+_ASYNC = ("buffer_size", "max_staleness", "staleness_exponent", "balance")
 
 _BASE = {"aggregator": "mean", "server_optimizer": "plain", "server_lr": 1.0, "momentum": 0.0, "beta1": 0.9,
          "beta2": 0.99, "tau": 1e-3, "f": 1, "m": 0, "clip_radius": 0.0, "iterations": 3, "mu": 0.0, "sample": 0,
-         "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.0}
+         "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.0, "balance": 1}
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("fedavg", "the mean of the updates, weighted by examples (--weighting)", {},
            reference="McMahan et al. 2017"),
     Preset("fedavgm", "FedAvg with server momentum: faster on skewed data",
-           {"server_optimizer": "momentum", "server_lr": 1.0, "momentum": 0.7}, reference="Hsu et al. 2019"),
+           {"server_optimizer": "momentum", "server_lr": 1.3, "momentum": 0.6}, reference="Hsu et al. 2019"),
     Preset("fedadam", "adaptive server step (Adam on the pseudo-gradient)",
            {"server_optimizer": "adam", "server_lr": 0.01}, reference="Reddi et al. 2021"),
     Preset("fedyogi", "adaptive server step (Yogi): steadier than fedadam when updates vary",

@@ -23,7 +23,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
 
 
-@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "centered-clip"])
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold", "centered-clip"])
 def test_resume_after_sigkill_is_bit_identical(workers, tmp_path: Path, strategy: str) -> None:  # noqa: F811
     common = ["--rounds", "6", "--seed", "7", "--batches", "3", "--strategy", strategy, "--min-workers", "3"]
     finish(coordinator(workers, tmp_path / "straight", *common))

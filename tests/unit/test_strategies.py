@@ -126,7 +126,7 @@ def test_centered_clip_by_hand_and_its_center_is_state() -> None:
 def test_integer_buffers_follow_the_mean_in_the_delta_path() -> None:
     g = {"w": torch.tensor([0.0]), "steps": torch.tensor(10)}
     ups = [{"w": torch.tensor([1.0]), "steps": torch.tensor(20)}, {"w": torch.tensor([3.0]), "steps": torch.tensor(31)}]
-    got = step(build("fedavgm"), g, *ups)
+    got = step(build("fedavgm", server_lr=1.0), g, *ups)
     assert got["steps"].dtype == torch.int64 and got["steps"].item() == 26  # round(25.5) to even
     assert got["w"].item() == pytest.approx(2.0)
 
@@ -165,7 +165,10 @@ def test_staleness_weight() -> None:
         polynomial(-1, 0.5)
     s = build("fedbuff", server_lr=1.0)
     g = s.aggregate(state(0.0), [Contribution("a", state(1.0), 1, 0, 0), Contribution("b", state(4.0), 1, 0, 3)])
-    assert g["w"].item() == pytest.approx((1.0 * 1 + 4.0 * 0.5) / 1.5)
+    assert g["w"].item() == pytest.approx((1.0 * 1 + 4.0 * 0.5) / 2)  # FedBuff: the mean of discounted changes
+    g = s.aggregate(state(0.0), [Contribution("a", state(1.0), 1, 0, 0, pace=0.5),
+                                 Contribution("b", state(4.0), 1, 0, 3, pace=2.0)])
+    assert g["w"].item() == pytest.approx((1.0 * 0.5 + 4.0 * 0.5 * 2.0) / 2)
 
 
 def test_sampling_is_seeded_by_round_and_keeps_the_roster_order() -> None:
