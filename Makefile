@@ -19,7 +19,7 @@ OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
 RUN_LOCAL_VARS := DATA_DIR CONFIG ROUNDS SEED OUT TLS RESUME BASE_PORT METRICS ARGS
 PYTEST_ARGS ?=
 
-.PHONY: all install proto test test-all run-local bench clean
+.PHONY: all install proto test test-all run-local bench bench-strategies clean
 
 all: install
 
@@ -70,6 +70,15 @@ bench: install
 	$(PY) bench/image_folder.py accuracy --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(PY) bench/image_folder.py memory --data-dir $(DATA)
 	$(PY) bench/shards.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
+
+# The strategies' figures (README "Strategies"): every strategy over seeds 1-5 in
+# simulation (~25 min), the straggler fleet for real (~3 min), and 10 workers under
+# attack (~40 min on 2 cores).
+bench-strategies: install
+	$(PY) bench/strategies.py --data-dir $(DATA) --min-workers 3
+	$(PY) bench/stragglers.py --data-dir $(DATA)
+	$(PY) bench/attacks.py --data-dir $(DATA)
+	$(PY) bench/scale.py --data-dir $(DATA)
 
 clean:
 	rm -rf jetfed/v1 build *.egg-info .pytest_cache

@@ -24,6 +24,8 @@ class WorkerView:
     last_error: str = ""
     last_train_seconds: float = 0.0
     last_train_loss: float = 0.0
+    last_base_version: int = 0
+    last_staleness: int = 0
 
 
 @dataclass
@@ -102,10 +104,12 @@ class RunBoard:
         self.workers[name].state = TRAINING
         self.touch()
 
-    def worker_done(self, name: str, round_number: int, seconds: float, loss: float) -> None:
+    def worker_done(self, name: str, round_number: int, seconds: float, loss: float, base_version: int = 0,
+                    staleness: int = 0) -> None:
         view = self.workers[name]
         view.state, view.last_contribution, view.failures, view.last_error = DONE, round_number, 0, ""
         view.last_train_seconds, view.last_train_loss = seconds, loss
+        view.last_base_version, view.last_staleness = base_version, staleness
         self.touch()
 
     def worker_failed(self, name: str, reason: str) -> None:

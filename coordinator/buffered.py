@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from coordinator import screening
 from coordinator.clients import Score, Update, Weights, describe_failure
-from coordinator.federation import Federation
+from coordinator.federation import Federation, RunFailed
 from coordinator.strategies.base import Contribution
 from jetfed.codec import StateDict
 
@@ -94,9 +94,18 @@ class BufferedDriver:
         """Run the fleet until the last version is made; yield each step as it is made."""
         names = self.federation.strategy.select(self.version + 1, self.federation.roster.names)
         loops = [asyncio.ensure_future(self._keep_busy(name)) for name in names]
+        # A round's every attempt may take round_timeout: no step for that long is a
+        # fleet that cannot make one (all down, or refusing), not a slow one.
+        patience = self.settings.round_timeout * (self.settings.round_retries + 1)
         try:
             while True:
-                step = await self._steps.get()
+                try:
+                    step = await asyncio.wait_for(self._steps.get(), patience)
+                except asyncio.TimeoutError:
+                    raise RunFailed(
+                        f"version {self.version + 1}: no server step for {patience:.0f}s (--round-timeout x "
+                        f"(--round-retries + 1)); {len(self.buffer)} of {self.buffer_size} updates buffered; last "
+                        f"failures: {self.failed or 'none'}") from None
                 if step is None:
                     return
                 yield step
@@ -143,7 +152,8 @@ class BufferedDriver:
             seconds = time.perf_counter() - asked
             self.pace[name] = seconds if name not in self.pace else 0.7 * self.pace[name] + 0.3 * seconds
             federation.roster.succeeded(name, self.version)
-            federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss)
+            federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss, base,
+                                         self.version - base)
             self._arrive(_Arrival(update, base, number))
 
     def _arrive(self, arrival: _Arrival) -> None:

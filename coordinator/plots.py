@@ -3,7 +3,7 @@
 Forty JSON lines hold everything a run measured but do not show whether the federation
 learned, whether each worker's update stays stuck on the digits it holds while their
 average spreads over all ten, or where the time went. accuracy.png, loss.png,
-shares.png and rounds.png do, and recall.png (the federated model's recall of each
+shares.png and rounds.png do, staleness.png for an asynchronous run, and recall.png (the federated model's recall of each
 class) when the evaluator reported recall/<class> metrics. A task that does not
 classify (its evaluations count no correct/total) gets metrics.png, each of its metrics
 over the rounds, instead of accuracy.png and shares.png. Plots are drawn on an
@@ -307,6 +307,29 @@ def plot_rounds(axes: Any, rounds: Sequence[Round]) -> None:
     _round_axis(worker_ax, rounds)
 
 
+def asynchronous(rounds: Sequence[Round]) -> bool:
+    """Whether the run made versions from buffered updates (fedbuff, fedasync)."""
+    return any("version" in r for r in rounds)
+
+
+def plot_staleness(ax: Any, rounds: Sequence[Round], colours: Dict[str, str]) -> None:
+    """Each update's staleness (server steps taken while it trained) at the version it
+    went into, by worker: a slow board's updates arrive staler."""
+    seen = set()
+    workers = sorted({k.split("#", 1)[0] for r in rounds for k in (r.get("updates") or {})})
+    for record in rounds:
+        for key, update in (record.get("updates") or {}).items():
+            worker = key.split("#", 1)[0]
+            offset = 0.25 * (workers.index(worker) - (len(workers) - 1) / 2) / max(len(workers), 1)
+            ax.scatter(record["round"] + offset, update.get("staleness", 0), s=14, color=colours.get(worker, "gray"),
+                       label=None if worker in seen else worker, alpha=0.7)
+            seen.add(worker)
+    ax.set(title="Staleness of each update (server steps while it trained)", ylabel="staleness", xlabel="version")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small", ncol=4)
+
+
 def _grid(count: int, most: int = 4) -> Tuple[int, int]:
     cols = min(count, most)
     return -(-count // cols), cols
@@ -339,6 +362,10 @@ def draw(rounds: Sequence[Round], groups: Sequence[Group], out: Path, title: str
         plot_loss(figures["loss"], axes, rounds, names, colours, measure="the task's loss")
     figures["rounds"], axes = _figure(2, 1, sharex=True)
     plot_rounds(axes, rounds)
+    if asynchronous(rounds):
+        workers = sorted({k.split("#", 1)[0] for r in rounds for k in (r.get("updates") or {})})
+        figures["staleness"], axes = _figure()
+        plot_staleness(axes[0][0], rounds, dict(colours, **{w: f"C{i % 10}" for i, w in enumerate(workers)}))
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, figure in figures.items():
