@@ -73,10 +73,12 @@ class LocalWorker:
 
     def _client_control(self, round_number: int, like: StateDict) -> StateDict:
         earlier = [r for r in self._controls if r < round_number]
-        for old in [r for r in self._controls if r >= round_number or (earlier and r < max(earlier))]:
-            if old != (max(earlier) if earlier else None):
-                del self._controls[old]
-        return self._controls[max(earlier)] if earlier else scaffold.zero_controls(like)
+        if not earlier:
+            self._controls = {}
+            return scaffold.zero_controls(like)
+        newest = max(earlier)
+        self._controls = {newest: self._controls[newest]}  # a re-run round's later c_i goes
+        return self._controls[newest]
 
     def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
         """Nothing to check: the weights never leave the process."""
