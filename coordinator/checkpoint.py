@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from jetfed.codec import StateDict
+from jetfed.durable import write_atomically
 from jetfed.errors import JetfedError
 
 STATE_FILE = "state.json"
@@ -46,27 +46,6 @@ class Checkpoint:
     run_id: Optional[str] = None
     # The strategy's tensors and values (Strategy.state_dict); None before they were kept.
     strategy: Optional[Tuple[StateDict, Dict[str, Any]]] = None
-
-
-def sync_directory(folder: Path) -> None:
-    """Make a rename or a new file in `folder` survive a power loss: the file's own
-    fsync does not persist its directory entry."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """`data` at `path` whole or not at all, durable once this returns."""
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)
-    sync_directory(path.parent)
 
 
 def write_model(path: Path, state: StateDict, model: str, round_number: int) -> None:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from coordinator.checkpoint import sync_directory
+from jetfed.durable import sync_directory
 from coordinator.clients import Score
 
 LabelGroup = Tuple[str, Tuple[int, ...]]

@@ -26,6 +26,7 @@ from coordinator.federation import Federation, RunFailed, Say
 from coordinator.fleet_model import OLDER_TASK
 from coordinator.settings import RunSettings
 from coordinator.strategies.registry import StrategySpec
+from jetfed.durable import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -156,4 +157,4 @@ def _rewrite(path: Path, text: str, lines: List[Line]) -> None:
     """Replace metrics.jsonl atomically with `lines`, only when they differ from it."""
     wanted = "".join(line + "\n" for _, line in lines)
     if wanted != text:
-        checkpoint.write_atomically(path, wanted.encode("utf-8"))
+        write_atomically(path, wanted.encode("utf-8"))
