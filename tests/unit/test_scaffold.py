@@ -19,7 +19,6 @@ from torch.nn import functional as F
 from jetfed import codec
 from jetfed.config import TrainConfig
 from jetfed.errors import InvalidConfig, WorkerStateError
-from jetfed.models import build_model
 from jetfed.scaffold import (
     CONTROL_PREFIX, ControlStore, ControlVariates, Correction, join_controls, next_client_control, split_controls,
     state_dir, takes_controls, train_spec, zero_controls,
@@ -28,19 +27,7 @@ from jetfed.tasks import TaskSettings
 from jetfed.tasks.base import TensorExamples
 from jetfed.tasks.mnist import MnistTask
 from jetfed.training import train_round
-
-CPU = torch.device("cpu")
-
-
-def random_digits(count: int = 64, seed: int = 0) -> TensorExamples:
-    generator = torch.Generator().manual_seed(seed)
-    return TensorExamples(torch.randn(count, 1, 28, 28, generator=generator),
-                          torch.randint(0, 10, (count,), generator=generator), CPU)
-
-
-def fresh_cnn(seed: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model("mnist-cnn")
+from tests.unit.tiny_training import CPU, fresh_cnn, random_digits
 
 
 def mnist_task() -> MnistTask:

@@ -12,22 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from jetfed.config import TrainConfig
-from jetfed.models import build_model
 from jetfed.tasks.base import TensorExamples
 from jetfed.training import ProximalTerm, make_optimizer, train_round
-
-CPU = torch.device("cpu")
-
-
-def random_digits(count: int = 64, seed: int = 0) -> TensorExamples:
-    generator = torch.Generator().manual_seed(seed)
-    return TensorExamples(torch.randn(count, 1, 28, 28, generator=generator),
-                          torch.randint(0, 10, (count,), generator=generator), CPU)
-
-
-def fresh_cnn(seed: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model("mnist-cnn")
+from tests.unit.tiny_training import CPU, fresh_cnn, random_digits
 
 
 def plain_loop(model: nn.Module, data: TensorExamples, config: TrainConfig, seed: int) -> Dict[str, torch.Tensor]:
