@@ -93,7 +93,12 @@ def test_killed_worker_is_survived_and_contributes_after_restart(workers, tiny_m
 
 
 def test_coordinator_killed_and_resumed_ends_with_the_same_model(workers, tmp_path):
-    common = ["--rounds", "6", "--seed", "7", "--batches", "3"]
+    killed_after_round_3_and_resumed(workers, tmp_path, "--rounds", "6", "--seed", "7", "--batches", "3")
+
+
+def killed_after_round_3_and_resumed(workers: Dict[str, Process], tmp_path: Path, *common: str) -> None:
+    """A 6-round run straight, and the same run killed by SIGKILL in round 4 then
+    resumed: the resumed run records rounds 1-6 once and ends with the same weights."""
     finish(coordinator(workers, tmp_path / "straight", *common))
     proc = coordinator(workers, tmp_path / "broken", *common)
     read_until(proc, "Training round 4/")

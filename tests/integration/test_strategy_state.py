@@ -4,7 +4,6 @@ with the same weights, bit for bit, for a synchronous strategy."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,9 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.integration.processes import WORKERS, Fleet
-from tests.integration.test_faults import coordinator, finish, metrics, read_until, workers  # noqa: F401 (fixture)
+from tests.integration.test_faults import (  # noqa: F401 (workers: a fixture)
+    coordinator, finish, killed_after_round_3_and_resumed, metrics, workers,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,16 +26,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold", "centered-clip"])
 def test_resume_after_sigkill_is_bit_identical(workers, tmp_path: Path, strategy: str) -> None:  # noqa: F811
-    common = ["--rounds", "6", "--seed", "7", "--batches", "3", "--strategy", strategy, "--min-workers", "3"]
-    finish(coordinator(workers, tmp_path / "straight", *common))
-    proc = coordinator(workers, tmp_path / "broken", *common)
-    read_until(proc, "Training round 4/")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    output = finish(coordinator(workers, tmp_path / "broken", *common, "--resume"))
-    assert "Resuming after round 3/6" in output
-    assert same_weights(tmp_path / "straight" / "model.safetensors", tmp_path / "broken" / "model.safetensors")
-    assert [r["round"] for r in metrics(tmp_path / "broken")] == list(range(1, 7))
+    killed_after_round_3_and_resumed(workers, tmp_path, "--rounds", "6", "--seed", "7", "--batches", "3",
+                                     "--strategy", strategy, "--min-workers", "3")
 
 
 def test_resume_with_other_strategy_parameters_is_refused(workers, tmp_path: Path) -> None:  # noqa: F811
