@@ -122,11 +122,14 @@ class Aggregator(ABC):
     """One rule; `f` is the number of hostile workers it is set to withstand."""
 
     name = ""
-    f = 0
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = f
 
     def workers_needed(self) -> int:
-        """The fewest updates a round needs for this rule to hold with `f` attackers."""
-        return 1
+        """The fewest updates a round needs for this rule to hold with `f` attackers:
+        an honest majority, 2f + 1 (1 for the mean, which withstands none)."""
+        return 2 * self.f + 1
 
     @abstractmethod
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> StateDict:
@@ -156,12 +159,6 @@ class Median(Aggregator):
 
     name = "median"
 
-    def __init__(self, f: int) -> None:
-        self.f = f
-
-    def workers_needed(self) -> int:
-        return 2 * self.f + 1
-
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> StateDict:
         return coordinate_median(deltas)
 
@@ -170,12 +167,6 @@ class TrimmedMean(Aggregator):
     """Coordinate-wise mean without the f largest and f smallest values (Yin et al. 2018)."""
 
     name = "trimmed-mean"
-
-    def __init__(self, f: int) -> None:
-        self.f = f
-
-    def workers_needed(self) -> int:
-        return 2 * self.f + 1
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> StateDict:
         return trimmed_mean(deltas, self.f)
@@ -186,7 +177,7 @@ class Krum(Aggregator):
     their neighbours; m = 1 is Krum, m <= 0 takes n - f."""
 
     def __init__(self, f: int, m: int) -> None:
-        self.f = f
+        super().__init__(f)
         self.m = m
         self.name = "krum" if m == 1 else "multi-krum"
         self._chosen: List[int] = []
@@ -209,14 +200,11 @@ class CenteredClip(Aggregator):
     name = "centered-clip"
 
     def __init__(self, f: int, tau: float, iterations: int) -> None:
-        self.f = f
+        super().__init__(f)
         self.tau = tau
         self.iterations = iterations
         self._center: Optional[StateDict] = None
         self._radius = 0.0
-
-    def workers_needed(self) -> int:
-        return 2 * self.f + 1
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> StateDict:
         center = self._center
