@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import statistics
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from coordinator import screening
 from coordinator.clients import Score, Update, Weights, describe_failure
@@ -214,21 +212,17 @@ class BufferedDriver:
         if self.version >= self.last_version:
             self._steps.put_nowait(None)
 
-    def _clipped(self, arrivals: List[_Arrival]):  # type: ignore[no-untyped-def]
-        """Each state, scaled down to the median change when its change from its own base
-        is over --max-norm-ratio times the median (screening's rule); notes; norms."""
-        bases = [self.models[a.base_version].state for a in arrivals]
-        norms = [screening.delta_norm(a.update.weights.state, base) for a, base in zip(arrivals, bases)]
-        states: List[StateDict] = [a.update.weights.state for a in arrivals]
-        clipped: Dict[str, str] = {}
-        if len(norms) >= screening.MIN_UPDATES_FOR_NORM_RULE:
-            median = statistics.median(norms)
-            for i, norm in enumerate(norms):
-                if median > 0 and norm > self.settings.max_norm_ratio * median:
-                    states[i] = screening.scaled(states[i], bases[i], median / norm)
-                    clipped[arrivals[i].update.worker] = (f"delta norm {norm:.4g} is {norm / median:.1f}x the "
-                                                          f"median {median:.4g}; scaled down to the median")
-        return states, clipped, [n if math.isfinite(n) else float("nan") for n in norms]
+    def _clipped(self, arrivals: List[_Arrival]) -> Tuple[List[StateDict], Dict[str, str], List[float]]:
+        """screening.clip_to_bound over the buffer, each change taken from its own base:
+        the states to aggregate, a note by worker for each one scaled, every norm."""
+        keys = [str(i) for i in range(len(arrivals))]  # a fast worker may have two updates in a buffer
+        bases = {k: self.models[a.base_version].state for k, a in zip(keys, arrivals)}
+        norms = {k: screening.delta_norm(a.update.weights.state, bases[k]) for k, a in zip(keys, arrivals)}
+        states, notes = screening.clip_to_bound({k: a.update.weights.state for k, a in zip(keys, arrivals)},
+                                                self.models[self.version].state, norms,
+                                                self.settings.max_norm_ratio, bases)
+        clipped = {arrivals[int(k)].update.worker: note for k, note in notes.items()}
+        return [states[k] for k in keys], clipped, [norms[k] for k in keys]
 
     async def _score(self, weights: Weights) -> Optional[Score]:
         """The global model of a version on the evaluator; None when that fails (noted in

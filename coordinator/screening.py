@@ -64,18 +64,21 @@ def delta_norm(state: StateDict, base: StateDict) -> float:
 
 def clip_to_bound(
     states: Mapping[str, StateDict], base: StateDict, norms: Mapping[str, float], max_ratio: float,
+    bases: Optional[Mapping[str, StateDict]] = None,
 ) -> Tuple[Dict[str, StateDict], Dict[str, str]]:
     """The states to average: each change over `max_ratio` times the median norm is
     scaled down to the median norm, keeping its direction but no more say than a
     typical worker's; a note with the figures for each. With fewer than three updates
-    nothing is scaled (see MIN_UPDATES_FOR_NORM_RULE)."""
+    nothing is scaled (see MIN_UPDATES_FOR_NORM_RULE). A change is taken from `base`,
+    or from the update's own entry in `bases` (an asynchronous update started from an
+    older model)."""
     if len(norms) < MIN_UPDATES_FOR_NORM_RULE:
         return dict(states), {}
     median = statistics.median(norms.values())
     averaged, notes = dict(states), {}
     for name, norm in norms.items():
         if norm > max_ratio * median:
-            averaged[name] = scaled(states[name], base, median / norm)
+            averaged[name] = scaled(states[name], (bases or {}).get(name, base), median / norm)
             notes[name] = (f"delta norm {norm:.4g} is {norm / median if median else math.inf:.1f}x the median "
                            f"{median:.4g} of the round's {len(norms)} updates (over {max_ratio:g}x, "
                            f"--max-norm-ratio); scaled down to the median")
