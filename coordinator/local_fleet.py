@@ -21,8 +21,8 @@ from jetfed import codec, scaffold
 from jetfed.codec import StateDict
 from jetfed.codec import TensorInfo
 from jetfed.config import TrainConfig
-from jetfed.info import service_info
 from jetfed.scaffold import ControlVariates
+from jetfed.scoring import task_info
 from jetfed.tasks.base import Examples, Task
 from jetfed.training import derive_seed
 from jetfed.v1 import info_pb2
@@ -45,12 +45,7 @@ class LocalTrainer:
         return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
 
     def info(self, name: str, role: str, data: Examples) -> info_pb2.GetInfoResponse:
-        classes = self.task.classes
-        return service_info(
-            name, role, self.device_label, task=self.task.name, model=self.task.model_name, classes=classes,
-            model_digest=codec.spec_digest(self.spec), dataset_size=len(data),
-            label_counts=data.label_counts(len(classes)) if classes else [],
-        )
+        return task_info(name, role, self.device_label, self.task, self.spec, data)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

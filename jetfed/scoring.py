@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Tuple
 
 from jetfed import codec, wire
 from jetfed.errors import InvalidConfig
@@ -69,12 +69,7 @@ class Scorer:
 
     def info(self, name: str, role: str) -> info_pb2.GetInfoResponse:
         """GetInfo for a service scoring this task on these examples."""
-        classes = self.task.classes
-        return service_info(
-            name, role, self._device_label, task=self.task.name, model=self.model_name, classes=classes,
-            model_digest=codec.spec_digest(self.spec), dataset_size=len(self._data),
-            label_counts=self._data.label_counts(len(classes)) if classes else [],
-        )
+        return task_info(name, role, self._device_label, self.task, self.spec, self._data)
 
     def _check_header(self, head: evaluation_pb2.EvaluateHeader, manifest: codec.Manifest) -> None:
         codec.check_manifest(manifest, self.model_name, self.spec)
@@ -85,3 +80,17 @@ class Scorer:
     def _run(self, state: codec.StateDict, batch_size: int) -> Evaluation:
         self._model.load_state_dict(state)
         return self.task.evaluate(self._model, self._data, batch_size)
+
+
+def task_info(
+    name: str, role: str, device_label: str, task: Task, spec: Tuple[codec.TensorInfo, ...], data: Examples,
+) -> info_pb2.GetInfoResponse:
+    """GetInfo for a service running `task`'s model (`spec`) on `data`: what a fleet is
+    matched by at connect (task, model, digest, classes) and what bounds a worker's
+    claims (its examples)."""
+    classes = task.classes
+    return service_info(
+        name, role, device_label, task=task.name, model=task.model_name, classes=classes,
+        model_digest=codec.spec_digest(spec), dataset_size=len(data),
+        label_counts=data.label_counts(len(classes)) if classes else [],
+    )
