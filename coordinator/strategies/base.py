@@ -100,16 +100,17 @@ class Composite(Strategy):
 
     @property
     def is_plain_fedavg(self) -> bool:
-        return (isinstance(self.aggregator, Mean) and isinstance(self.optimizer, Plain) and self.optimizer.lr == 1.0
-                and self.staleness_exponent == 0.0)
+        """The mean with a plain step of 1: FedAvg, averaged in state space when every
+        update is whole (see `aggregate`)."""
+        return isinstance(self.aggregator, Mean) and isinstance(self.optimizer, Plain) and self.optimizer.lr == 1.0
 
     def select(self, version: int, available: Sequence[str]) -> List[str]:
         """All of `available`, or `sample` of them drawn by (seed, version): the same
         draw on a resumed run, and in simulation as on boards."""
         if not self.sample or self.sample >= len(available):
             return list(available)
-        chosen = random.Random(f"{self.seed}/{version}").sample(sorted(available), self.sample)
-        return [name for name in available if name in set(chosen)]
+        chosen = set(random.Random(f"{self.seed}/{version}").sample(sorted(available), self.sample))
+        return [name for name in available if name in chosen]
 
     def configure(self, version: int, config: TrainConfig) -> TrainConfig:
         return replace(config, proximal_mu=self.proximal_mu) if self.proximal_mu else config
@@ -134,7 +135,7 @@ class Composite(Strategy):
         if not contributions:
             raise ValueError("a server step needs at least one update")
         weights = [self.weight(c) for c in contributions]
-        if self.is_plain_fedavg and all(c.base is None for c in contributions):
+        if self.is_plain_fedavg and all(c.base is None and self.discount(c) == 1.0 for c in contributions):
             return fedavg([c.state for c in contributions], weights)
         # Sorted: aggregators sum over tensors in this order (distances, norms), and a
         # model read back from a checkpoint comes in the file's order, not the fleet's.

@@ -169,6 +169,11 @@ def test_staleness_weight() -> None:
     g = s.aggregate(state(0.0), [Contribution("a", state(1.0), 1, 0, 0, pace=0.5),
                                  Contribution("b", state(4.0), 1, 0, 3, pace=2.0)])
     assert g["w"].item() == pytest.approx((1.0 * 0.5 + 4.0 * 0.5 * 2.0) / 2)
+    # without a staleness discount, a fresh update's pace still scales its change
+    plain = build("fedbuff", server_lr=1.0, staleness_exponent=0.0)
+    g = plain.aggregate(state(0.0), [Contribution("a", state(1.0), 1, pace=0.5), Contribution("b", state(4.0), 1,
+                                                                                          pace=2.0)])
+    assert g["w"].item() == pytest.approx((1.0 * 0.5 + 4.0 * 2.0) / 2)
 
 
 def test_sampling_is_seeded_by_round_and_keeps_the_roster_order() -> None:
