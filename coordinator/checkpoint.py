@@ -112,7 +112,7 @@ def load(folder: Path) -> Optional[Checkpoint]:
                                    0 < len(run_id) <= MAX_RUN_ID_CHARS):
         raise CheckpointError(f"checkpoint {state_path}: run_id must be 1 to {MAX_RUN_ID_CHARS} printable characters, "
                               f"not {run_id!r:.80}")
-    return Checkpoint(int(record["round"]), _owned(load_file(str(model_path))), record["run"], record.get("record"), run_id,
+    return Checkpoint(int(record["round"]), load_file(str(model_path)), record["run"], record.get("record"), run_id,
                       _strategy(folder, state_path, record.get("strategy")))
 
 
@@ -128,12 +128,5 @@ def _strategy(folder: Path, state_path: Path, saved: Any) -> Optional[Tuple[Stat
         raise CheckpointError(f"checkpoint {state_path}: strategy state unreadable: {exc}") from exc
     if hashlib.sha256(data).hexdigest() != saved.get("sha256") or not isinstance(values, dict):
         raise CheckpointError(f"checkpoint {path}: sha256 does not match {state_path}")
-    return _owned(load_file(str(path))), values
+    return load_file(str(path)), values
 
-
-def _owned(tensors: StateDict) -> StateDict:
-    """Fresh copies of tensors read from a file: torch's vectorised sums can round
-    differently over memory that a file's layout leaves unaligned, and a resumed run
-    must add up exactly as the unbroken one did (measured: a centered-clip radius one
-    ulp off after resume, then diverging weights)."""
-    return {name: tensor.clone() for name, tensor in tensors.items()}
