@@ -25,7 +25,8 @@ from coordinator import checkpoint
 from coordinator.federation import Federation, RunFailed, Say
 from coordinator.fleet_model import OLDER_TASK
 from coordinator.settings import RunSettings
-from coordinator.strategies.registry import StrategySpec
+from coordinator.strategies.registry import BASE, PRESETS, StrategySpec, resolve
+from jetfed.errors import InvalidConfig
 from jetfed.durable import write_atomically
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,20 @@ def _strategy_identity(spec: StrategySpec) -> Dict[str, Any]:
     return {"name": spec.name, "params": spec.resolved()}
 
 
+def _fill_added_params(strategy: Any) -> None:
+    """Parameters added since a checkpoint was written (Nesterov momentum; scaffold's
+    server optimizer) take the base value, which behaves as the code that wrote it did."""
+    if isinstance(strategy, dict) and isinstance(strategy.get("params"), dict) and strategy.get("name") in PRESETS:
+        params = strategy["params"]
+        parts = {key: params[key] for key in ("aggregator", "server_optimizer") if key in params}
+        try:
+            keys = resolve(strategy["name"], parts)
+        except InvalidConfig:
+            return  # then the comparison names the difference
+        for key in keys:
+            params.setdefault(key, BASE[key])
+
+
 def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
     """1, or the round after the checkpoint when resuming (its model and run id
     restored: to the workers it is the same run, never refused as a second one)."""
@@ -80,6 +95,7 @@ def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
     pinned = {"task": OLDER_TASK, "strategy": _strategy_identity(_OLDER_STRATEGY), **saved.run}
     if isinstance(pinned.get("train"), dict):  # recipes from before FedProx sent no proximal term
         pinned["train"] = {"proximal_mu": 0.0, **pinned["train"]}
+    _fill_added_params(pinned.get("strategy"))
     model = pinned.get("model")
     if not isinstance(model, str):
         raise RunFailed(f"resume: {folder} was written by a run with other settings: {saved.run}")

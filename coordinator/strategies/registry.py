@@ -59,6 +59,7 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
     Param("server_optimizer", str, "the server's step along the aggregated delta", choices=OPTIMIZERS),
     Param("server_lr", float, "server learning rate (1 with plain = FedAvg)", 1e-6, 100.0),
     Param("momentum", float, "server momentum (momentum optimizer)", 0.0, 0.999),
+    Param("nesterov", int, "1: Nesterov's look-ahead step, lr * (momentum * m + delta) (momentum optimizer)", 0, 1),
     Param("beta1", float, "first-moment decay (adam, yogi, adagrad)", 0.0, 0.999),
     Param("beta2", float, "second-moment decay (adam, yogi)", 0.0, 0.999999),
     Param("tau", float, "adaptivity: added to sqrt(v) (adam, yogi, adagrad)", 1e-12, 10.0),
@@ -83,20 +84,23 @@ class Preset:
     defaults: Mapping[str, Any]
     asynchronous: bool = False
     reference: str = ""
-    # The parameters it takes when its parts are fixed (None: those of its parts).
-    fixed: Optional[Tuple[str, ...]] = None
+    # Parameters it does not take, because its algorithm fixes that part (scaffold's
+    # aggregate is the mean of the updates, and its workers train without a proximal term).
+    locked: Tuple[str, ...] = ()
 
 
 # The parameters each part reads, besides `aggregator` and `server_optimizer` themselves.
 _AGGREGATOR_PARAMS = {"mean": (), "median": ("f",), "trimmed-mean": ("f",), "krum": ("f",),
                       "multi-krum": ("f", "m"), "centered-clip": ("f", "clip_radius", "iterations")}
-_OPTIMIZER_PARAMS = {"plain": ("server_lr",), "momentum": ("server_lr", "momentum"),
+_OPTIMIZER_PARAMS = {"plain": ("server_lr",), "momentum": ("server_lr", "momentum", "nesterov"),
                      "adam": ("server_lr", "beta1", "beta2", "tau"), "yogi": ("server_lr", "beta1", "beta2", "tau"),
                      "adagrad": ("server_lr", "beta1", "tau")}
 _COMMON = ("aggregator", "server_optimizer", "mu", "sample")
 _ASYNC = ("buffer_size", "max_staleness", "staleness_exponent", "balance")
 
-_BASE = {"aggregator": "mean", "server_optimizer": "plain", "server_lr": 1.0, "momentum": 0.0, "beta1": 0.9,
+# Each parameter's value where a preset sets none; a parameter added later takes here the
+# value that behaves as before it existed (resume fills old checkpoints with it).
+BASE = {"aggregator": "mean", "server_optimizer": "plain", "server_lr": 1.0, "momentum": 0.0, "nesterov": 0, "beta1": 0.9,
          "beta2": 0.99, "tau": 1e-3, "f": 1, "m": 0, "clip_radius": 0.0, "iterations": 3, "mu": 0.0, "sample": 0,
          "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.0, "balance": 1}
 
@@ -115,7 +119,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            {"mu": 0.01}, reference="Li et al. 2020"),
     Preset("scaffold", "control variates correct each worker's drift toward its own data (plain SGD on the "
            "workers; each keeps its control variate in --state-dir)", {}, reference="Karimireddy et al. 2020",
-           fixed=("sample", "server_lr")),
+           locked=("aggregator", "mu")),
     Preset("median", "coordinate-wise median: withstands f hostile workers of 2f+1",
            {"aggregator": "median"}, reference="Yin et al. 2018"),
     Preset("trimmed-mean", "coordinate-wise mean without the f largest and smallest values (2f+1 workers)",
@@ -137,12 +141,10 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
 
 def parameters_of(preset: Preset, values: Mapping[str, Any]) -> List[str]:
     """The parameters a strategy reads given its parts (`values` chooses them)."""
-    if preset.fixed is not None:
-        return list(preset.fixed)
     names = [*_COMMON, *_AGGREGATOR_PARAMS[values["aggregator"]], *_OPTIMIZER_PARAMS[values["server_optimizer"]]]
     if preset.asynchronous:
         names += _ASYNC
-    return list(dict.fromkeys(names))
+    return [name for name in dict.fromkeys(names) if name not in preset.locked]
 
 
 def resolve(name: str, given: Mapping[str, Any]) -> Dict[str, Any]:
@@ -153,9 +155,9 @@ def resolve(name: str, given: Mapping[str, Any]) -> Dict[str, Any]:
     if preset is None:
         raise InvalidConfig(f"strategy: {name!r} is not a strategy; known: {', '.join(PRESETS)} "
                             "(`jetfed strategies` lists them with their parameters)")
-    values = {**_BASE, **preset.defaults}
+    values = {**BASE, **preset.defaults}
     for key in ("aggregator", "server_optimizer"):
-        if key in given and preset.fixed is None:
+        if key in given and key not in preset.locked:
             values[key] = PARAMS[key].parse(given[key], name)
     allowed = parameters_of(preset, values)
     for key, value in given.items():
@@ -182,7 +184,7 @@ class StrategySpec:
     def build(self, *, weighting: str = "examples", seed: int = 0, fleet_size: int = 1) -> Composite:
         values = self.resolved()
         if self.name == "scaffold":
-            return Scaffold(self.name, server_lr=values["server_lr"], fleet_size=fleet_size, weighting=weighting,
+            return Scaffold(self.name, optimizer=_optimizer(values), fleet_size=fleet_size, weighting=weighting,
                             sample=values["sample"], seed=seed)
         return Composite(
             self.name, aggregator=_aggregator(values), optimizer=_optimizer(values), weighting=weighting,
@@ -213,7 +215,7 @@ def _optimizer(values: Mapping[str, Any]) -> server_opt.ServerOptimizer:
     if name == "plain":
         return server_opt.Plain(lr)
     if name == "momentum":
-        return server_opt.Momentum(lr, values["momentum"])
+        return server_opt.Momentum(lr, values["momentum"], nesterov=bool(values["nesterov"]))
     adaptive = {"adam": server_opt.Adam, "yogi": server_opt.Yogi, "adagrad": server_opt.Adagrad}[name]
     return adaptive(lr, values["beta1"], values.get("beta2", 0.0), values["tau"])
 

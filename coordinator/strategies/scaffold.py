@@ -19,7 +19,7 @@ import torch
 
 from coordinator.strategies.aggregate import Mean
 from coordinator.strategies.base import Composite, Contribution
-from coordinator.strategies.server_opt import Plain
+from coordinator.strategies.server_opt import ServerOptimizer
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
 
@@ -34,10 +34,9 @@ def sgd_steps(num_examples: int, config: TrainConfig) -> int:
 
 
 class Scaffold(Composite):
-    def __init__(self, name: str, *, server_lr: float, fleet_size: int, weighting: str = "examples",
+    def __init__(self, name: str, *, optimizer: ServerOptimizer, fleet_size: int, weighting: str = "examples",
                  sample: int = 0, seed: int = 0) -> None:
-        super().__init__(name, aggregator=Mean(), optimizer=Plain(server_lr), weighting=weighting, sample=sample,
-                         seed=seed)
+        super().__init__(name, aggregator=Mean(), optimizer=optimizer, weighting=weighting, sample=sample, seed=seed)
         self.fleet_size = fleet_size
         self.control: Optional[StateDict] = None
         self._recipe: Optional[TrainConfig] = None

@@ -54,18 +54,23 @@ class Plain(ServerOptimizer):
 
 
 class Momentum(ServerOptimizer):
-    """m <- momentum * m + delta; g + lr * m."""
+    """m <- momentum * m + delta; g + lr * m, or with Nesterov's look-ahead
+    g + lr * (momentum * m + delta): the step already takes the next round's momentum,
+    so the model a round ends with is the one the momentum is heading for."""
 
     name = "momentum"
 
-    def __init__(self, lr: float, momentum: float) -> None:
+    def __init__(self, lr: float, momentum: float, *, nesterov: bool = False) -> None:
         super().__init__(lr)
         self.momentum = momentum
+        self.nesterov = nesterov
 
     def step(self, delta: StateDict) -> StateDict:
         m = self._moment("m", delta)
         for n, d in delta.items():
             m[n].mul_(self.momentum).add_(d)
+        if self.nesterov:
+            return {n: (m[n] * self.momentum + d) * self.lr for n, d in delta.items()}
         return {n: m[n] * self.lr for n in delta}
 
 

@@ -39,3 +39,17 @@ def test_rounds_after_the_checkpoint_go_and_its_own_round_comes_back() -> None:
 def test_a_round_recorded_twice_appears_once_with_its_last_record() -> None:
     lines = [(1, line(1, run="first")), (1, line(1, run="again")), (2, line(2))]
     assert _agree(lines, 2, None) == [(1, line(1, run="again")), (2, line(2))]
+
+
+def test_a_checkpoint_from_before_a_parameter_existed_pins_its_old_behaviour() -> None:
+    from coordinator.resume import _fill_added_params, _strategy_identity
+    from coordinator.strategies.registry import StrategySpec
+
+    written = {"name": "fedavgm", "params": {"aggregator": "mean", "server_optimizer": "momentum", "mu": 0.0,
+                                            "sample": 0, "server_lr": 1.3, "momentum": 0.6}}
+    _fill_added_params(written)  # Nesterov came later: off, as that code stepped
+    assert written == _strategy_identity(StrategySpec("fedavgm"))
+    assert written != _strategy_identity(StrategySpec("fedavgm", {"nesterov": 1}))
+    scaffold = {"name": "scaffold", "params": {"sample": 0, "server_lr": 1.0}}
+    _fill_added_params(scaffold)  # its server optimizer came later: plain
+    assert scaffold == _strategy_identity(StrategySpec("scaffold"))

@@ -50,6 +50,14 @@ def test_fedavgm_two_rounds_by_hand() -> None:
     assert g2["w"].tolist() == [2.75]
 
 
+def test_fedavgm_nesterov_steps_with_the_next_rounds_momentum() -> None:
+    s = build("fedavgm", server_lr=0.5, momentum=0.5, nesterov=1)
+    g1 = step(s, state(0.0), state(2.0), state(4.0))  # d 3; m = 3; g = 0 + 0.5 * (0.5 * 3 + 3)
+    assert g1["w"].tolist() == [2.25]
+    g2 = step(s, g1, state(3.25), state(3.25))  # d 1; m = 2.5; g = 2.25 + 0.5 * (1.25 + 1)
+    assert g2["w"].tolist() == [3.375]
+
+
 def test_fedadam_one_step_by_hand() -> None:
     s = build("fedadam", server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.001)
     g = step(s, state(1.0), state(1.5))  # d = .5; m = .05; v = .0025; 1 + .1 * .05 / (.05 + .001)
@@ -230,3 +238,21 @@ def test_scaffold_control_variate_by_hand() -> None:
     resumed = StrategySpec("scaffold").build(fleet_size=2)
     resumed.load_state_dict(*s.state_dict())
     assert torch.equal(resumed.companions(g)["control/w"], s.companions(g)["control/w"])
+
+
+def test_scaffold_takes_a_server_optimizer_but_not_another_aggregate() -> None:
+    from jetfed.config import TrainConfig
+
+    s = StrategySpec("scaffold", {"server_optimizer": "momentum", "server_lr": 0.5, "momentum": 0.5}).build(
+        fleet_size=1)
+    s.configure(1, TrainConfig(lr=0.1, batch_size=10, max_batches=2))
+    g1 = s.aggregate(state(0.0), [Contribution("a", state(2.0), 20)])  # m = 2; g = 1
+    g2 = s.aggregate(g1, [Contribution("a", state(2.0), 20)])  # d 1; m = 2; g = 1 + 1
+    assert (g1["w"].tolist(), g2["w"].tolist()) == ([1.0], [2.0])
+    # c follows each worker's own update, not the server's step: delta_c = -c - d / (K lr);
+    # round 1: 0 - 2 / 0.2 = -10, c = -10; round 2: 10 - 1 / 0.2 = 5, c = -5
+    assert s.companions(g2)["control/w"].item() == pytest.approx(-5.0)
+    with pytest.raises(InvalidConfig, match="unknown parameter 'aggregator'"):
+        StrategySpec("scaffold", {"aggregator": "median"}).resolved()
+    with pytest.raises(InvalidConfig, match="unknown parameter 'mu'"):
+        StrategySpec("scaffold", {"mu": 0.1}).resolved()
