@@ -24,10 +24,12 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from coordinator import screening
-from coordinator.clients import Score, Update, Weights, describe_failure
+from coordinator.clients import Score, Update, Weights
+from coordinator.failures import describe_failure
 from coordinator.federation import Federation, RunFailed
 from coordinator.strategies.base import Contribution
 from jetfed.codec import StateDict
+from jetfed.errors import JetfedError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class BufferedDriver:
         self.started = time.perf_counter()
         self._steps: "asyncio.Queue[Optional[Step]]" = asyncio.Queue()
         self._done = asyncio.Event()
+        self._crash: Optional[BaseException] = None
 
     @property
     def last_version(self) -> int:
@@ -92,6 +95,8 @@ class BufferedDriver:
         """Run the fleet until the last version is made; yield each step as it is made."""
         names = self.federation.strategy.select(self.version + 1, self.federation.roster.names)
         loops = [asyncio.ensure_future(self._keep_busy(name)) for name in names]
+        for loop in loops:
+            loop.add_done_callback(self._ended)
         # A round's every attempt may take round_timeout: no step for that long is a
         # fleet that cannot make one (all down, or refusing), not a slow one.
         patience = self.settings.round_timeout * (self.settings.round_retries + 1)
@@ -105,6 +110,8 @@ class BufferedDriver:
                         f"(--round-retries + 1)); {len(self.buffer)} of {self.buffer_size} updates buffered; last "
                         f"failures: {self.failed or 'none'}") from None
                 if step is None:
+                    if self._crash is not None:
+                        raise self._crash
                     return
                 yield step
         finally:
@@ -112,6 +119,13 @@ class BufferedDriver:
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+
+    def _ended(self, loop: "asyncio.Future[None]") -> None:
+        """A worker's loop ends with the run, or on an error that is no failed call (a
+        bug): that one ends the run at once, rather than leave the fleet a worker short."""
+        if not loop.cancelled() and loop.exception() is not None:
+            self._crash = loop.exception()
+            self._steps.put_nowait(None)
 
     async def _keep_busy(self, name: str) -> None:
         """One worker's loop: train on the newest model, hand the update in, again; after
@@ -131,11 +145,9 @@ class BufferedDriver:
             asked = time.perf_counter()
             try:
                 update = await federation.train_on(name, number, config, self.models[base])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a failed call: recorded, backed off, asked again
+            except JetfedError as failure:  # a failed call: recorded, backed off, asked again
                 federation.forget(name)
-                reason = describe_failure(exc)
+                reason = describe_failure(failure)
                 self.failed[name] = reason
                 delay = federation.roster.failed(name, reason)
                 federation.board.worker_failed(name, reason)
@@ -231,8 +243,8 @@ class BufferedDriver:
         assert evaluator is not None
         try:
             return await evaluator.evaluate("global", weights, self.settings.eval_timeout)
-        except Exception as exc:  # an evaluator down is not the run's end
-            log.warning("version=%d evaluation failed: %s", self.version, describe_failure(exc))
+        except JetfedError as failure:  # an evaluator down is not the run's end
+            log.warning("version=%d evaluation failed: %s", self.version, describe_failure(failure))
             return None
 
 

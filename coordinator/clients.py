@@ -1,18 +1,21 @@
-"""Typed clients for the worker and evaluator services; protobuf stops here and the
-round loop sees plain objects."""
+"""Typed clients for the worker and evaluator services: the gRPC proxies of the round
+loop. Protobuf and gRPC stop here: the loop sees plain objects, and every failed call
+as a coordinator.failures.Failure."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import grpc
 
+from coordinator.failures import Failure
 from jetfed import codec, wire
 from jetfed.auth import await_admission
 from jetfed.codec import Manifest, StateDict, TensorInfo
 from jetfed.config import TrainConfig
-from jetfed.errors import BadStream, JetfedError, ManifestMismatch
+from jetfed.errors import BadStream, ManifestMismatch
 from jetfed.serving import CHANNEL_OPTIONS
 from jetfed.telemetry import Telemetry
 
@@ -124,13 +127,17 @@ def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int, on_bytes: C
     )
 
 
-def describe_failure(exc: BaseException) -> str:
-    """A failed call or check as one line: its status, then what went wrong."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, JetfedError):
-        return f"{exc.code.name}: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+@contextlib.contextmanager
+def _border() -> Iterator[None]:
+    """Every way a call ends other than its answer, as a Failure (coordinator.failures):
+    a gRPC status by its kind, an answer that failed this client's checks as INVALID,
+    anything else as INTERNAL. The round drivers see no gRPC error."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise Failure.of_rpc(error) from error
+    except Exception as error:
+        raise Failure.of_error(error, checked=True) from error
 
 
 class WorkerClient:
@@ -160,7 +167,8 @@ class WorkerClient:
 
     async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
         """With `wait`, waits for the worker to come up, within `timeout`."""
-        return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=wait)
+        with _border():
+            return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=wait)
 
     async def initial_weights(self, seed: int, model: str, digest: str, max_bytes: int, timeout: float) -> Weights:
         """The worker's freshly built model for `seed`, proven to be `model` with the
@@ -174,14 +182,15 @@ class WorkerClient:
                 raise ManifestMismatch(f"initial weights: worker {self.name} sent tensors with digest "
                                        f"{announced[:12]}, but it reports model digest {digest[:12]}")
 
-        call = self._stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed), timeout=timeout,
-                                         metadata=self._metadata)
-        _, manifest, payload = await wire.read_weight_stream(
-            call, "header", max_bytes, check_head=check_header,
-            on_bytes=self._telemetry.on_bytes_received("InitialWeights"),
-        )
-        state = codec.decode(manifest, payload)
-        codec.require_finite(state, who=self.name)
+        with _border():
+            call = self._stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed), timeout=timeout,
+                                             metadata=self._metadata)
+            _, manifest, payload = await wire.read_weight_stream(
+                call, "header", max_bytes, check_head=check_header,
+                on_bytes=self._telemetry.on_bytes_received("InitialWeights"),
+            )
+            state = codec.decode(manifest, payload)
+            codec.require_finite(state, who=self.name)
         return Weights(manifest, payload, state)
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
@@ -194,24 +203,25 @@ class WorkerClient:
                 manifest=wire.manifest_to_proto(weights.manifest), run_id=self.run_id,
             )
         )
-        call = self._stub.Train(timeout=timeout, metadata=self._metadata)
-        messages = wire.weight_messages(
-            head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c),
-            self._telemetry.on_bytes_sent("Train"),
-        )
-        await _send(call, messages, self._guarded)
 
         def check_result(result: worker_pb2.TrainResult, manifest: Manifest) -> None:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
             codec.check_manifest(manifest, model, spec)
 
-        result, manifest, payload = await wire.read_weight_stream(
-            call, "result", max_payload_bytes, check_head=check_result,
-            on_bytes=self._telemetry.on_bytes_received("Train"),
-        )
-        state = codec.decode(manifest, payload)
-        codec.require_finite(state, who=self.name)
+        with _border():
+            call = self._stub.Train(timeout=timeout, metadata=self._metadata)
+            messages = wire.weight_messages(
+                head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c),
+                self._telemetry.on_bytes_sent("Train"),
+            )
+            await _send(call, messages, self._guarded)
+            result, manifest, payload = await wire.read_weight_stream(
+                call, "result", max_payload_bytes, check_head=check_result,
+                on_bytes=self._telemetry.on_bytes_received("Train"),
+            )
+            state = codec.decode(manifest, payload)
+            codec.require_finite(state, who=self.name)
         return Update(
             worker=self.name, weights=Weights(manifest, payload, state), num_examples=result.num_examples,
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
@@ -220,8 +230,9 @@ class WorkerClient:
     async def end_run(self, timeout: float) -> bool:
         """Tell the worker this run has ended, so it serves the next run at once; True if
         it was freed. Never waits for a worker that is down: the run is over."""
-        reply = await self._stub.EndRun(worker_pb2.EndRunRequest(run_id=self.run_id), timeout=timeout,
-                                        wait_for_ready=False, metadata=self._metadata)
+        with _border():
+            reply = await self._stub.EndRun(worker_pb2.EndRunRequest(run_id=self.run_id), timeout=timeout,
+                                            wait_for_ready=False, metadata=self._metadata)
         return reply.released
 
     async def close(self) -> None:
@@ -243,13 +254,15 @@ class EvaluatorClient:
         self._stub = evaluator_pb2_grpc.EvaluatorStub(self._channel)
 
     async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
-        return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
+        with _border():
+            return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
 
     async def evaluate(self, tag: str, weights: Weights, timeout: float) -> Score:
-        call = self._stub.Evaluate(timeout=timeout, metadata=self._metadata)
-        messages = _evaluate_messages(tag, weights, self._chunk_bytes, self._telemetry.on_bytes_sent("Evaluate"))
-        await _send(call, messages, self._guarded)
-        return _score(await call)
+        with _border():
+            call = self._stub.Evaluate(timeout=timeout, metadata=self._metadata)
+            messages = _evaluate_messages(tag, weights, self._chunk_bytes, self._telemetry.on_bytes_sent("Evaluate"))
+            await _send(call, messages, self._guarded)
+            return _score(await call)
 
     async def close(self) -> None:
         await self._channel.close()

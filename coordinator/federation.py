@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import grpc
-
 from coordinator import initial_weights, report, screening
 from coordinator.board import RunBoard
-from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient, describe_failure
+from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient
+from coordinator.failures import Failure, Kind, describe_failure
 from coordinator.fleet_model import FleetModel, ServiceModel, agree
 from coordinator.initial_weights import Start
 from coordinator.roster import Roster
@@ -57,7 +56,8 @@ _UNREACHABLE_HINT = (
 @dataclass(frozen=True)
 class Fleet:
     """Worker and evaluator proxies with the gRPC clients' methods (info, expect,
-    initial_weights, train, end_run, close; info, evaluate, close)."""
+    initial_weights, train, end_run, close; info, evaluate, close), failing as they do
+    with a coordinator.failures.Failure."""
 
     workers: Dict[str, Any]
     evaluator: Optional[Any] = None
@@ -328,8 +328,8 @@ class Federation:
         for name in self.absent:
             try:
                 self._infos[name] = await self.workers[name].info(timeout=2.0, wait=False)
-            except grpc.aio.AioRpcError as exc:
-                self.absent[name] = f"never answered: {describe_failure(exc)}"
+            except Failure as failure:
+                self.absent[name] = f"never answered: {describe_failure(failure)}"
         for name in list(self.absent):
             if name in self._infos:
                 del self.absent[name]
@@ -358,9 +358,9 @@ class Federation:
             if isinstance(result, Update):
                 arrived.append(result)
                 continue
-            if not isinstance(result, Exception):
+            if not isinstance(result, JetfedError):
                 raise result
-            if isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if isinstance(result, Failure) and result.kind is Kind.LATE:
                 record["late"].append(name)
             # It may come back restarted, with other data: ask its GetInfo again then.
             self._infos.pop(name, None)
@@ -483,7 +483,7 @@ class Federation:
             if name not in self._infos:
                 try:
                     self._learn(name, await self.workers[name].info(timeout=2.0, wait=False))
-                except (grpc.aio.AioRpcError, JetfedError):
+                except JetfedError:
                     pass
         return report.label_groups([list(self._infos[n].label_counts) for n in self.roster.names if n in self._infos])
 

@@ -16,7 +16,8 @@ import grpc
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from coordinator.clients import Weights, WorkerClient, describe_failure
+from coordinator.clients import Weights, WorkerClient
+from coordinator.failures import describe_failure
 from coordinator.fleet_model import FleetModel, short
 from jetfed import codec
 from jetfed.codec import StateDict
@@ -100,8 +101,8 @@ async def from_a_worker(
     for worker in workers:
         try:
             weights = await worker.initial_weights(seed, fleet.model, fleet.digest, max_bytes, timeout)
-        except (grpc.aio.AioRpcError, JetfedError) as exc:
-            failures.append(f"{worker.name}: {describe_failure(exc)}")
+        except JetfedError as failure:
+            failures.append(f"{worker.name}: {describe_failure(failure)}")
             log.warning("worker=%s initial weights failed: %s", worker.name, failures[-1])
             continue
         return weights, f"worker {worker.name}, seed {seed}"

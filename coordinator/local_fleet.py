@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from coordinator.clients import Score, Update, Weights
+from coordinator.failures import Failure
 from jetfed import codec, scaffold
 from jetfed.codec import StateDict
 from jetfed.codec import TensorInfo
@@ -42,7 +43,13 @@ class LocalTrainer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulate")
 
     async def run(self, work, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+        """`work(*args)` on the thread. What it raises comes out as a Failure, as from
+        the gRPC client: a jetfed error by the status a board would send, any other
+        as INTERNAL (coordinator.failures)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+        except Exception as error:
+            raise Failure.of_error(error) from error
 
     def info(self, name: str, role: str, data: Examples) -> info_pb2.GetInfoResponse:
         return task_info(name, role, self.device_label, self.task, self.spec, data)

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Set
 
-import grpc
-
 from coordinator import checkpoint, report, resume
 from coordinator.board import RunBoard
 from coordinator.buffered import BufferedDriver, Step, settle
-from coordinator.clients import Score, describe_failure
+from coordinator.clients import Score
+from coordinator.failures import describe_failure
 from coordinator.federation import Federation, Fleet, RunFailed, RunSummary, Say
 from coordinator.progress import Progress
 from coordinator.settings import RunSettings
@@ -72,8 +71,8 @@ async def _evaluate(federation: Federation, round_number: int, record: Dict[str,
         scores = await federation.evaluate_round()
         record["evaluation"] = {key: report.score_record(s) for key, s in scores.items()}
         score = scores["global"]
-    except (grpc.aio.AioRpcError, JetfedError) as exc:
-        record["evaluation_error"] = describe_failure(exc)
+    except JetfedError as failure:
+        record["evaluation_error"] = describe_failure(failure)
         log.warning("round=%d evaluation failed: %s", round_number, record["evaluation_error"])
     record["eval_s"] = time.perf_counter() - started
     return score

@@ -21,6 +21,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.clients import Metadata, Weights, WorkerClient
+from coordinator.failures import Failure, Kind
 from jetfed import codec, wire
 from jetfed.auth import bearer_metadata
 from jetfed.config import TrainConfig
@@ -128,8 +129,8 @@ async def seconds_until_trained(process: Process, limit: float, metadata: Metada
             try:
                 await worker.train(1, SMALL, initial_weights(), timeout=limit)
                 return time.monotonic() - started
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == Code.ABORTED, exc
+            except Failure as exc:
+                assert exc.status == "ABORTED", exc
                 await asyncio.sleep(0.05)
     finally:
         await worker.close()
@@ -176,11 +177,12 @@ def test_health_is_not_serving_while_an_abandoned_round_stops(worker: Process) -
             assert await serving_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             refused = client(worker)
             try:
-                with pytest.raises(grpc.aio.AioRpcError) as busy:
+                with pytest.raises(Failure) as busy:
                     await refused.train(2, SMALL, initial_weights(), timeout=10)
             finally:
                 await refused.close()
-            assert busy.value.code() == Code.ABORTED and "stopping round 1" in busy.value.details()
+            assert busy.value.status == "ABORTED" and "stopping round 1" in busy.value.detail
+            assert busy.value.kind is Kind.REFUSED
             await seconds_until_trained(worker, 10)
             assert await serving_status(channel) == health_pb2.HealthCheckResponse.SERVING
     run(scenario)
@@ -191,13 +193,13 @@ def test_work_over_the_per_round_bound_is_refused(worker: Process) -> None:
         worker_client = client(worker)
         try:
             too_much = TrainConfig(batch_size=1, max_batches=0, epochs=LIMIT // EXAMPLES + 1)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
+            with pytest.raises(Failure) as refused:
                 await worker_client.train(1, too_much, initial_weights(), timeout=10)
             update = await worker_client.train(1, TrainConfig(), initial_weights(), timeout=30)
         finally:
             await worker_client.close()
-        assert refused.value.code() == Code.INVALID_ARGUMENT
-        assert "--max-examples-per-round" in refused.value.details() and str(LIMIT) in refused.value.details()
+        assert refused.value.status == "INVALID_ARGUMENT" and refused.value.kind is Kind.INVALID
+        assert "--max-examples-per-round" in refused.value.detail and str(LIMIT) in refused.value.detail
         assert update.num_examples == 320, "the reference recipe (10 batches of 32, one epoch) must pass"
     run(scenario)
 
@@ -231,10 +233,10 @@ def busy_answers_aborted(worker: Process, metadata: Metadata = ()) -> None:
             coordinator = client(worker, metadata=metadata)
             try:
                 for _ in range(3):
-                    with pytest.raises(grpc.aio.AioRpcError) as busy:
+                    with pytest.raises(Failure) as busy:
                         await coordinator.train(2, SMALL, initial_weights(), timeout=10)
-                    assert busy.value.code() == Code.ABORTED, busy.value
-                    assert "already training round 1" in busy.value.details()
+                    assert busy.value.status == "ABORTED", busy.value
+                    assert "already training round 1" in busy.value.detail
             finally:
                 call.cancel()
                 await coordinator.close()
@@ -298,7 +300,7 @@ def test_a_second_run_is_refused_while_the_first_goes_on(worker: Process) -> Non
             await first.train(1, SMALL, initial_weights(), timeout=30)
             interval = time.monotonic() - began
             await first.train(2, SMALL, initial_weights(), timeout=30)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
+            with pytest.raises(Failure) as refused:
                 await second.train(1, SMALL, initial_weights(), timeout=30)
             await first.train(3, SMALL, initial_weights(), timeout=30)
             await asyncio.sleep(2 * interval + 1.0)
@@ -306,8 +308,8 @@ def test_a_second_run_is_refused_while_the_first_goes_on(worker: Process) -> Non
         finally:
             await first.close()
             await second.close()
-        assert refused.value.code() == Code.FAILED_PRECONDITION
-        assert "run-first" in refused.value.details() and "run-second" in refused.value.details()
+        assert refused.value.status == "FAILED_PRECONDITION" and refused.value.kind is Kind.REFUSED
+        assert "run-first" in refused.value.detail and "run-second" in refused.value.detail
         assert "run=run-second" in worker.output()
     run(scenario)
 
