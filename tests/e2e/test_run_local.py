@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "tools" / "run_local.py"
@@ -83,6 +85,7 @@ def test_interrupt_stops_every_service(real_mnist: Path, tmp_path: Path) -> None
     assert all(nothing_listens(base + i) for i in range(5)), "a service outlived an interrupted run-local"
 
 
+@pytest.mark.slow  # a minute; mutual TLS of every service is tests/integration/test_mtls_fleet.py's
 def test_run_local_over_mutual_tls(real_mnist: Path, tmp_path: Path) -> None:
     base = free_port_block(5)
     proc = subprocess.Popen(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -46,6 +47,7 @@ def resume_command(lines: List[str]) -> str:
     return lines[marker + 1].strip()
 
 
+@pytest.mark.slow  # over a minute; resume's equality is tests/integration/test_faults.py's, in make test
 def test_interrupted_run_resumed_by_its_printed_command_equals_an_uninterrupted_one(
     real_mnist: Path, tmp_path: Path,
 ) -> None:

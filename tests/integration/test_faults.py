@@ -122,7 +122,7 @@ def test_fresh_run_refuses_a_folder_holding_a_run(workers, tmp_path):
 
 def test_straggler_does_not_hold_the_round_past_its_deadline(workers, tmp_path):
     charlie = workers["charlie"]
-    proc = coordinator(workers, tmp_path, "--rounds", "60", "--batches", "2", "--min-workers", "2",
+    proc = coordinator(workers, tmp_path, "--rounds", "30", "--batches", "2", "--min-workers", "2",
                        "--round-timeout", "2")
     read_until(proc, "Training round 3/")
     charlie.popen.send_signal(signal.SIGSTOP)

@@ -24,7 +24,9 @@ def same_weights(a: Path, b: Path) -> bool:
     return left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
 
 
-@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold", "centered-clip"])
+# centered-clip's center is state as momentum is: a long scenario, left to make test-all.
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold",
+                                      pytest.param("centered-clip", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_is_bit_identical(workers, tmp_path: Path, strategy: str) -> None:  # noqa: F811
     killed_after_round_3_and_resumed(workers, tmp_path, "--rounds", "6", "--seed", "7", "--batches", "3",
                                      "--strategy", strategy, "--min-workers", "3")
