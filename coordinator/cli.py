@@ -44,7 +44,7 @@ def parse_min_workers(value: str) -> Union[int, str]:
 
 
 DEFAULTS = {
-    "worker": [], "evaluator": None, "rounds": 40, "eval_every": 10, "task": DEFAULT_TASK, "model": None,
+    "worker": [], "workers_dns": None, "evaluator": None, "rounds": 40, "eval_every": 10, "task": DEFAULT_TASK, "model": None,
     "init_weights": None,
     "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
     "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="a federation.toml; flags override its keys")
     flag("--worker", "a worker to train on (repeat for each)", action="append", type=parse_endpoint,
          metavar="NAME=HOST:PORT")
+    flag("--workers-dns", "every address this name resolves to is a worker on PORT, named by its GetInfo, e.g. "
+         "a headless Service jetfed-workers.jetfed.svc.cluster.local:8777; looked up again between rounds, so a "
+         "board that appears joins the run (beside any --worker)", metavar="HOST:PORT")
     flag("--evaluator", "the evaluator scoring models on the test set", metavar="[NAME=]HOST:PORT")
     flag("--rounds", type=int)
     flag("--eval-every", "evaluate rounds 1, 1+N, 1+2N, ... and the last", type=int)
@@ -143,8 +146,11 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         batch_size=values["batch_size"], max_batches=values["batches"], epochs=values["epochs"], seed=values["seed"],
     )
     out = values["out"]
+    if values["min_workers"] == "all" and values["workers_dns"]:
+        raise InvalidConfig("min_workers: 'all' needs a fixed list of workers; with --workers-dns give a number "
+                            "(--min-workers N)")
     return RunSettings(
-        workers=workers, evaluator=evaluator,
+        workers=workers, evaluator=evaluator, workers_dns=values["workers_dns"],
         out_dir=Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S"),
         rounds=values["rounds"], eval_every=values["eval_every"], task=values["task"], model=values["model"],
         init_weights=Path(values["init_weights"]) if values["init_weights"] else None, train=train,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from coordinator import initial_weights, report, screening
-from coordinator.board import RunBoard
+from coordinator.board import RunBoard, WorkerView
 from coordinator.clients import EvaluatorClient, Score, Update, Weights, WorkerClient
 from coordinator.failures import Failure, Kind, describe_failure
 from coordinator.fleet_model import FleetModel, ServiceModel, agree
@@ -109,17 +109,16 @@ class Federation:
         credentials = settings.tls.channel_credentials() if settings.tls else None
         if credentials is None and fleet is None:
             tls.warn_plaintext(log, "the coordinator's calls to the fleet")
-        metadata = bearer_metadata(settings.token)
+        self._credentials, self._metadata = credentials, bearer_metadata(settings.token)
         # A fresh run's id; --resume puts back the one its checkpoint holds (run_id).
         self._run_id = secrets.token_hex(8)
+        # What every Train result must be (WorkerClient.expect), once the fleet has answered.
+        self._expected: Optional[Tuple[str, Tuple[Any, ...], int]] = None
         if fleet is None:
-            self.workers: Dict[str, Any] = {
-                name: WorkerClient(name, address, settings.chunk_bytes, credentials=credentials, metadata=metadata,
-                                   telemetry=self.telemetry, run_id=self._run_id)
-                for name, address in settings.workers.items()
-            }
+            self.workers: Dict[str, Any] = {name: self._client(name, address)
+                                            for name, address in settings.workers.items()}
             self.evaluator: Optional[Any] = (
-                EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, metadata, self.telemetry)
+                EvaluatorClient(settings.evaluator, settings.chunk_bytes, credentials, self._metadata, self.telemetry)
                 if settings.evaluator else None
             )
         else:
@@ -131,6 +130,27 @@ class Federation:
         # Workers that did not answer at start, with the reason: warned about, recorded.
         self.absent: Dict[str, str] = {}
         self._updates: List[Update] = []
+
+    def _client(self, name: str, address: str) -> WorkerClient:
+        return WorkerClient(name, address, self.settings.chunk_bytes, credentials=self._credentials,
+                            metadata=self._metadata, telemetry=self.telemetry, run_id=self._run_id)
+
+    async def join(self, name: str, address: str) -> None:
+        """A worker found after the start (coordinator.discovery), or one found again at
+        a new address: asked from the next round on, its GetInfo first (it is checked
+        against the fleet's model then). It counts in the quorum's majority as any
+        worker given at the start does."""
+        old = self.workers.get(name)
+        self.workers[name] = client = self._client(name, address)
+        if self._expected is not None:
+            client.expect(*self._expected)
+        self._infos.pop(name, None)
+        self.roster.add(name)
+        self.board.workers[name] = WorkerView(name, address)
+        self.board.touch()
+        self.settings = replace(self.settings, workers={**self.settings.workers, name: address})
+        if old is not None:
+            await old.close()
 
     @property
     def global_weights(self) -> Weights:
@@ -241,8 +261,9 @@ class Federation:
             weights, source = Weights.of(self._start.state, fleet.model), self._start.source
         spec = weights.manifest.tensors
         max_payload = self.settings.max_payload_bytes or stream.payload_limit(codec.payload_size_range(spec)[1])
+        self._expected = (fleet.model, spec, max_payload)
         for worker in self.workers.values():
-            worker.expect(fleet.model, spec, max_payload)
+            worker.expect(*self._expected)
         self._weights = weights
         return source
 

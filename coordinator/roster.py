@@ -31,6 +31,11 @@ class Roster:
     def names(self) -> List[str]:
         return list(self._records)
 
+    def add(self, name: str) -> None:
+        """A worker that joined during the run (or came back at a new address): a fresh
+        record, asked at once."""
+        self._records[name] = WorkerRecord()
+
     def due(self, everyone: bool = False) -> List[str]:
         """Workers to ask now, in roster order; `everyone` ignores backoff (a retried
         round needs every chance at its quorum)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Set
 
@@ -13,6 +14,7 @@ from coordinator import checkpoint, report, resume
 from coordinator.board import RunBoard
 from coordinator.buffered import BufferedDriver, Step, settle
 from coordinator.clients import Score
+from coordinator.discovery import Resolve, WorkerDns, grpc_probe, resolve_tcp
 from coordinator.failures import describe_failure
 from coordinator.federation import Federation, Fleet, RunFailed, RunSummary, Say
 from coordinator.progress import Progress
@@ -80,21 +82,55 @@ async def _evaluate(federation: Federation, round_number: int, record: Dict[str,
 
 async def run(
     settings: RunSettings, say: Say = print, live: bool = False, telemetry: Optional[RunTelemetry] = None,
-    fleet: Optional[Fleet] = None,
+    fleet: Optional[Fleet] = None, resolve: Resolve = resolve_tcp,
 ) -> RunSummary:
     """`live` draws progress in the terminal; the reference lines print above it.
     `telemetry` records the run (a fresh one by default), served at --metrics-address.
-    `fleet` runs it on other proxies than gRPC clients (`jetfed simulate`)."""
+    `fleet` runs it on other proxies than gRPC clients (`jetfed simulate`). `resolve`
+    looks up --workers-dns (the system's resolver by default)."""
+    dns = None
+    if settings.workers_dns is not None and fleet is None:
+        dns = WorkerDns(settings.workers_dns, grpc_probe(settings.chunk_bytes, _credentials(settings), settings.token),
+                        resolve)
+        settings = await _named_by_dns(settings, dns, say)
     board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
     telemetry = telemetry or RunTelemetry()
     if not live:
-        return await _run(settings, board, say, telemetry, fleet)
+        return await _run(settings, board, say, telemetry, fleet, dns)
     async with Progress(board) as progress:
-        return await _run(settings, board, progress.say, telemetry, fleet)
+        return await _run(settings, board, progress.say, telemetry, fleet, dns)
+
+
+def _credentials(settings: RunSettings) -> Any:
+    return settings.tls.channel_credentials() if settings.tls else None
+
+
+async def _named_by_dns(settings: RunSettings, dns: WorkerDns, say: Say) -> RunSettings:
+    """The run's workers at the start: those given by --worker and those DNS names now
+    (waiting up to --connect-timeout for --min-workers of them, or one)."""
+    say(f"Looking up workers at {dns.target} (up to {settings.connect_timeout:.0f}s)")
+    workers = await dns.first(settings.workers, settings.min_workers or 1, settings.connect_timeout)
+    found = {name: address for name, address in workers.items() if name not in settings.workers}
+    say(f"DNS named {len(found)} workers: " + ", ".join(f"{name} at {address}" for name, address in found.items()))
+    return replace(settings, workers=workers).validated()
+
+
+async def _look_again(dns: WorkerDns, federation: Federation) -> None:
+    """Between rounds: a worker DNS names for the first time joins the next round, one
+    found at a new address (its pod replaced) is asked there. Bounded (WorkerDns), and a
+    failed lookup keeps the workers known."""
+    joins = await dns.look(federation.settings.workers)
+    for name, address in joins.workers.items():
+        moved = name in federation.workers
+        await federation.join(name, address)
+        line = f"Worker {name} {'moved to' if moved else 'joined at'} {address} ({dns.target})"
+        federation.say(line)
+        log.info("%s", line)
 
 
 async def _run(
     settings: RunSettings, board: RunBoard, say: Say, telemetry: RunTelemetry, fleet: Optional[Fleet],
+    dns: Optional[WorkerDns] = None,
 ) -> RunSummary:
     federation = Federation(settings, say, board, telemetry, fleet)
     status_server = None
@@ -112,8 +148,9 @@ async def _run(
         board.first_round = first
         log.info("run=%s out=%s first_round=%d%s", federation.run_id, settings.out_dir, first,
                  " resumed" if first > 1 else "")
-        drive = _versions if settings.strategy.asynchronous else _rounds
-        return await drive(settings, federation, metrics, first)
+        if settings.strategy.asynchronous:  # its workers are those named at the start
+            return await _versions(settings, federation, metrics, first)
+        return await _rounds(settings, federation, metrics, first, dns)
     except BaseException as exc:
         board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
         raise
@@ -144,8 +181,12 @@ def _commit(
         metrics.write(record)
 
 
-async def _rounds(settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int) -> RunSummary:
-    """Connect, then run rounds `first`..N, each committed as it ends."""
+async def _rounds(
+    settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int,
+    dns: Optional[WorkerDns] = None,
+) -> RunSummary:
+    """Connect, then run rounds `first`..N, each committed as it ends; with `dns`,
+    workers it names later join between rounds."""
     board, say, telemetry = federation.board, federation.say, federation.telemetry
     model_path = settings.out_dir / "model.safetensors"
     train_total = eval_total = 0.0
@@ -155,6 +196,9 @@ async def _rounds(settings: RunSettings, federation: Federation, metrics: report
     await federation.connect()
     connect_seconds = time.perf_counter() - started
     for round_number in range(first, settings.rounds + 1):
+        if dns is not None and round_number > first:
+            await _look_again(dns, federation)
+            settings = federation.settings
         say(f"Training round {round_number}/{settings.rounds}")
         telemetry.set_round(round_number)
         round_started = time.perf_counter()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+from coordinator.discovery import parse_target
 from coordinator.strategies.registry import StrategySpec
 from jetfed import stream
 from jetfed.config import TrainConfig
@@ -38,6 +39,9 @@ class RunSettings:
     workers: Dict[str, str]
     evaluator: Optional[str]
     out_dir: Path
+    # HOST:PORT whose every address is a worker, named by its GetInfo (coordinator.discovery),
+    # beside `workers`; looked up again between rounds.
+    workers_dns: Optional[str] = None
     rounds: int = 40
     eval_every: int = 10
     # The task the fleet must run, by the name its GetInfo reports; never imported here.
@@ -87,8 +91,11 @@ class RunSettings:
     def validated(self) -> "RunSettings":
         """Every field against what it must mean and what the wire and the status
         contract can carry, so a value is refused at start, never wrapped or garbled."""
-        if not self.workers:
-            raise InvalidConfig("workers: at least one worker is needed (--worker NAME=HOST:PORT)")
+        if not self.workers and self.workers_dns is None:
+            raise InvalidConfig("workers: at least one worker is needed (--worker NAME=HOST:PORT, "
+                                "or --workers-dns HOST:PORT)")
+        if self.workers_dns is not None:
+            parse_target(self.workers_dns)
         _check_int("rounds", self.rounds, 1, MAX_ROUNDS)
         _check_int("eval_every", self.eval_every, 1, MAX_ROUNDS)
         if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
@@ -100,11 +107,12 @@ class RunSettings:
         if not (math.isfinite(self.max_norm_ratio) and 1 < self.max_norm_ratio <= MAX_NORM_RATIO):
             raise InvalidConfig(f"max_norm_ratio: {self.max_norm_ratio} must be a number in (1, {MAX_NORM_RATIO:g}]")
         strategy = self.strategy.build(weighting=self.weighting, seed=self.train.seed)
-        if not 1 <= self.quorum <= self.per_round:
+        # Workers named by DNS only: checked again once the start has named them.
+        if self.workers and not 1 <= self.quorum <= self.per_round:
             asked = "the workers given" if self.per_round == len(self.workers) else "the strategy's sample"
             raise InvalidConfig(f"min_workers: {self.quorum} must be in 1..{self.per_round} ({asked})")
         needed = strategy.workers_needed()
-        if self.quorum < needed:
+        if self.workers and self.quorum < needed:
             f = self.strategy.resolved().get("f", 0)
             raise InvalidConfig(
                 f"strategy {self.strategy.name} withstands f={f} hostile workers only with {needed} updates or more "
