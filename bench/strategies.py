@@ -22,8 +22,13 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNCHRONOUS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "median", "trimmed-mean",
-               "krum", "multi-krum", "centered-clip")
+sys.path.insert(0, str(ROOT))
+
+from coordinator.strategies.registry import PRESETS  # noqa: E402
+# Every synchronous strategy at its defaults, except Krum's f: with the seed recipe's 3
+# workers Krum can only take f = 0 (it needs 2f+3 updates).
+SYNCHRONOUS = [name if not name.endswith("krum") else f"{name}:f=0"
+               for name, preset in PRESETS.items() if not preset.asynchronous]
 
 
 def parse_strategy(text: str) -> Tuple[str, List[str]]:

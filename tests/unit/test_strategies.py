@@ -241,6 +241,7 @@ def test_scaffold_control_variate_by_hand() -> None:
 
 
 def test_scaffold_takes_a_server_optimizer_but_not_another_aggregate() -> None:
+    from coordinator.strategies.scaffold import Scaffold
     from jetfed.config import TrainConfig
 
     s = StrategySpec("scaffold", {"server_optimizer": "momentum", "server_lr": 0.5, "momentum": 0.5}).build(
@@ -252,6 +253,10 @@ def test_scaffold_takes_a_server_optimizer_but_not_another_aggregate() -> None:
     # c follows each worker's own update, not the server's step: delta_c = -c - d / (K lr);
     # round 1: 0 - 2 / 0.2 = -10, c = -10; round 2: 10 - 1 / 0.2 = 5, c = -5
     assert s.companions(g2)["control/w"].item() == pytest.approx(-5.0)
+    # scaffoldm is that composition as a preset, at its measured defaults
+    preset = StrategySpec("scaffoldm")
+    assert isinstance(preset.build(), Scaffold) and preset.resolved() == StrategySpec(
+        "scaffold", {"server_optimizer": "momentum", "server_lr": 1.6, "momentum": 0.6}).resolved()
     with pytest.raises(InvalidConfig, match="unknown parameter 'aggregator'"):
         StrategySpec("scaffold", {"aggregator": "median"}).resolved()
     with pytest.raises(InvalidConfig, match="unknown parameter 'mu'"):
