@@ -70,6 +70,7 @@ bench: install
 	$(PY) bench/image_folder.py accuracy --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(PY) bench/image_folder.py memory --data-dir $(DATA)
 	$(PY) bench/shards.py --data-dir $(DATA) $(if $(ROUNDS),--rounds $(ROUNDS))
+	$(PY) bench/stream.py
 
 # The strategies' figures (README "Strategies"): every strategy over seeds 1-5 in
 # simulation (~25 min), the straggler fleet for real (~3 min), and 10 workers under

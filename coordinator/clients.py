@@ -35,6 +35,7 @@ from jetfed.v1 import (
 )
 
 Metadata = Tuple[Tuple[str, str], ...]
+TRAIN_METHOD = "/jetfed.v1.Worker/Train"
 
 
 def _channel(address: str, credentials: Optional[grpc.ChannelCredentials]) -> grpc.aio.Channel:
@@ -58,16 +59,32 @@ async def _send(call, messages: Iterable, guarded: bool) -> None:
 @dataclass(frozen=True)
 class Weights:
     """A state_dict with its serialized form, so a model is encoded once and can be sent
-    to many peers (and a worker's update re-sent to the evaluator) as it arrived."""
+    to many peers (and a worker's update re-sent to the evaluator) as it arrived.
+
+    A received payload's tensors map its bytes (codec.decode): treat `state` and
+    `payload` as read-only. `chunks` keeps the payload's chunk messages serialized, per
+    chunk size, once a model is sent to a worker: the global model is split and
+    serialized once per version, not once per worker (at the cost of a second copy of
+    its bytes while it is the global model)."""
 
     manifest: Manifest
-    payload: bytes
+    payload: codec.Payload
     state: StateDict
+    _chunks: Dict[int, wire.SerializedChunks] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, state: StateDict, model: str) -> "Weights":
         manifest, payload = codec.encode(state, model)
         return cls(manifest, payload, state)
+
+    def chunks(self, chunk_bytes: int) -> wire.SerializedChunks:
+        """The payload as serialized chunk messages of `chunk_bytes`, made on first use."""
+        if chunk_bytes not in self._chunks:
+            self._chunks[chunk_bytes] = wire.serialized_chunks(self.payload, chunk_bytes)
+        return self._chunks[chunk_bytes]
+
+    def cached_chunks(self, chunk_bytes: int) -> Optional[wire.SerializedChunks]:
+        return self._chunks.get(chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -119,12 +136,15 @@ def _score(response: evaluation_pb2.EvaluateResponse) -> Score:
 
 
 def _evaluate_messages(tag: str, weights: Weights, chunk_bytes: int, on_bytes: Callable[[int], None]):
+    """The global model's chunks as serialized for the workers; an update's made as
+    they are sent (an update is evaluated once: keeping its chunks would double it)."""
     head = evaluation_pb2.EvaluateRequest(
         header=evaluation_pb2.EvaluateHeader(tag=tag, manifest=wire.manifest_to_proto(weights.manifest))
     )
-    return wire.weight_messages(
-        head, weights.payload, chunk_bytes, lambda c: evaluation_pb2.EvaluateRequest(chunk=c), on_bytes
-    )
+    cached = weights.cached_chunks(chunk_bytes)
+    if cached is not None:
+        return wire.serialized_messages(head, cached, on_bytes)
+    return wire.weight_messages(head, weights.payload, chunk_bytes, on_bytes=on_bytes)
 
 
 @contextlib.contextmanager
@@ -159,6 +179,11 @@ class WorkerClient:
         self._guarded = credentials is not None or bool(metadata)
         self._channel = _channel(address, credentials)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        # Train as the stub's, but writing the global model's serialized chunks as they are.
+        self._train = self._channel.stream_stream(
+            TRAIN_METHOD, request_serializer=wire.pass_serialized,
+            response_deserializer=worker_pb2.TrainResponse.FromString,
+        )
 
     def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
         """The run's model, once known: every Train result must be weights of `model`
@@ -189,8 +214,7 @@ class WorkerClient:
                 call, "header", max_bytes, check_head=check_header,
                 on_bytes=self._telemetry.on_bytes_received("InitialWeights"),
             )
-            state = codec.decode(manifest, payload)
-            codec.require_finite(state, who=self.name)
+            state = codec.decode_finite(manifest, payload, payload.sha256, who=self.name)
         return Weights(manifest, payload, state)
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
@@ -210,18 +234,16 @@ class WorkerClient:
             codec.check_manifest(manifest, model, spec)
 
         with _border():
-            call = self._stub.Train(timeout=timeout, metadata=self._metadata)
-            messages = wire.weight_messages(
-                head, weights.payload, self._chunk_bytes, lambda c: worker_pb2.TrainRequest(chunk=c),
-                self._telemetry.on_bytes_sent("Train"),
+            call = self._train(timeout=timeout, metadata=self._metadata)
+            messages = wire.serialized_messages(
+                head, weights.chunks(self._chunk_bytes), self._telemetry.on_bytes_sent("Train"),
             )
             await _send(call, messages, self._guarded)
             result, manifest, payload = await wire.read_weight_stream(
                 call, "result", max_payload_bytes, check_head=check_result,
                 on_bytes=self._telemetry.on_bytes_received("Train"),
             )
-            state = codec.decode(manifest, payload)
-            codec.require_finite(state, who=self.name)
+            state = codec.decode_finite(manifest, payload, payload.sha256, who=self.name)
         return Update(
             worker=self.name, weights=Weights(manifest, payload, state), num_examples=result.num_examples,
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,

@@ -48,8 +48,7 @@ class Scorer:
             requests, "header", self._max_payload_bytes, self._receive_timeout, self._check_header,
             self._telemetry.on_bytes_received("Evaluate"),
         )
-        state = codec.decode(manifest, payload)
-        codec.require_finite(state)
+        state = codec.decode_finite(manifest, payload, payload.sha256)
         batch_size = head.batch_size or self._batch_size
         if batch_size > MAX_EVAL_BATCH:
             raise InvalidConfig(f"batch_size: {batch_size} exceeds {MAX_EVAL_BATCH}")

@@ -3,7 +3,8 @@ fits under gRPC's per-message limit and a receiver can refuse a stream early."""
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+import hashlib
+from typing import Iterator, Optional, Tuple
 
 from jetfed.errors import BadStream, CorruptPayload, InvalidConfig, PayloadTooLarge
 
@@ -34,8 +35,22 @@ def split(payload: bytes, chunk_bytes: int) -> Iterator[Tuple[int, bytes]]:
         yield offset, bytes(view[offset:offset + chunk_bytes])
 
 
+class Received(bytearray):
+    """A payload as it arrived, with the SHA-256 (hex) of its bytes taken while they
+    arrived: codec.decode(manifest, payload, payload.sha256) need not read it again."""
+
+    sha256: str = ""
+
+
 class PayloadAssembler:
-    """Collects chunks in order, refusing gaps, overlaps and overruns as they happen."""
+    """Collects chunks in order into one buffer of the announced size, refusing gaps,
+    overlaps and overruns as they happen, and hashes each chunk as it arrives: the
+    payload is copied once (chunk to buffer) and read once (the hash), so the receiver
+    neither grows a buffer nor hashes the whole again. `finish` returns the buffer and
+    its SHA-256, as one Received.
+
+    The buffer is allocated by the first chunk, not at construction: a stream refused
+    at its header (wire.read_weight_stream) or one that never sends a byte holds none."""
 
     def __init__(self, total_bytes: int, max_bytes: int) -> None:
         if total_bytes > max_bytes:
@@ -43,20 +58,35 @@ class PayloadAssembler:
                 f"manifest.total_bytes: {total_bytes} bytes exceeds this service's limit of {max_bytes}"
             )
         self._total = total_bytes
-        self._buffer = bytearray()
+        self._buffer: Optional[Received] = None
+        self._view: Optional[memoryview] = None
+        self._filled = 0
+        self._hash = hashlib.sha256()
 
     def add(self, offset: int, data: bytes) -> None:
-        if offset != len(self._buffer):
-            raise BadStream(f"chunk.offset: got {offset}, expected {len(self._buffer)} (chunks out of order)")
-        if len(self._buffer) + len(data) > self._total:
+        if offset != self._filled:
+            raise BadStream(f"chunk.offset: got {offset}, expected {self._filled} (chunks out of order)")
+        end = self._filled + len(data)
+        if end > self._total:
             raise CorruptPayload(
                 f"chunk: stream carries more than the announced {self._total} bytes"
             )
-        self._buffer += data
+        if self._view is None:
+            self._buffer = Received(self._total)
+            self._view = memoryview(self._buffer)
+        self._view[self._filled:end] = data
+        self._hash.update(data)
+        self._filled = end
 
-    def finish(self) -> bytes:
-        if len(self._buffer) != self._total:
+    def finish(self) -> Received:
+        """The whole payload, once every announced byte is in."""
+        if self._filled != self._total:
             raise CorruptPayload(
-                f"payload: stream ended after {len(self._buffer)} of {self._total} bytes"
+                f"payload: stream ended after {self._filled} of {self._total} bytes"
             )
-        return bytes(self._buffer)
+        buffer = self._buffer if self._buffer is not None else Received()
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        buffer.sha256 = self._hash.hexdigest()
+        return buffer

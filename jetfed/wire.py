@@ -4,7 +4,7 @@ header-then-chunks stream discipline shared by every weight-carrying RPC."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, List, Optional, Tuple, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -13,7 +13,7 @@ from jetfed.codec import Manifest, TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.errors import BadStream, JetfedError, StreamStalled
 from jetfed.status import echo
-from jetfed.v1 import training_pb2, weights_pb2
+from jetfed.v1 import training_pb2, weights_pb2, worker_pb2
 
 M = TypeVar("M")
 
@@ -92,24 +92,68 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
 
 
 def weight_messages(
-    head: M, payload: bytes, chunk_bytes: int, wrap_chunk: Callable[[weights_pb2.WeightChunk], M],
+    head: M, payload: bytes, chunk_bytes: int, wrap_chunk: Optional[Callable[[weights_pb2.WeightChunk], M]] = None,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Iterator[M]:
     """The header message, then the payload as ordered chunks; `on_bytes` learns each
-    chunk's size as gRPC takes it (so a call cut short counts only what left)."""
+    chunk's size as gRPC takes it (so a call cut short counts only what left).
+
+    Without `wrap_chunk`, each chunk is a message of the header's type whose `chunk`
+    field is filled in place: the chunk's bytes are copied into it once, where
+    wrapping a WeightChunk copies them twice."""
     yield head
     for offset, data in stream.split(payload, chunk_bytes):
         on_bytes(len(data))
-        yield wrap_chunk(weights_pb2.WeightChunk(offset=offset, data=data))
+        if wrap_chunk is None:
+            message = type(head)()
+            message.chunk.offset = offset
+            message.chunk.data = data
+            yield message
+        else:
+            yield wrap_chunk(weights_pb2.WeightChunk(offset=offset, data=data))
+
+
+# Serialized chunk messages: (the chunk's data bytes, the message's wire bytes).
+SerializedChunks = List[Tuple[int, bytes]]
+
+
+def serialized_chunks(payload: bytes, chunk_bytes: int) -> SerializedChunks:
+    """The payload's chunk messages, serialized once, to be written as they are to any
+    number of calls (`pass_serialized`): every weight-carrying message (TrainRequest,
+    EvaluateRequest, TrainResponse, InitialWeightsResponse) carries its WeightChunk as
+    field 2 of its oneof, so one serialization is every stream's chunk."""
+    return [
+        (len(data), worker_pb2.TrainRequest(chunk=weights_pb2.WeightChunk(offset=offset, data=data)).SerializeToString())
+        for offset, data in stream.split(payload, chunk_bytes)
+    ]
+
+
+def serialized_messages(head: Any, chunks: SerializedChunks, on_bytes: Callable[[int], None] = lambda n: None,
+                        ) -> Iterator[Any]:
+    """The header message, then the chunks already serialized, for a call whose
+    request serializer is `pass_serialized`; `on_bytes` as in `weight_messages`."""
+    yield head
+    for size, message in chunks:
+        on_bytes(size)
+        yield message
+
+
+def pass_serialized(message: Any) -> bytes:
+    """A request serializer that writes bytes (a serialized chunk) as they are and
+    serializes any other message."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
 
 
 async def read_weight_stream(
     messages: AsyncIterator[Any], head_field: str, max_bytes: int, timeout: Optional[float] = None,
     check_head: Callable[[Any, Manifest], None] = lambda head, manifest: None,
     on_bytes: Callable[[int], None] = lambda n: None,
-) -> Tuple[Any, Manifest, bytes]:
+) -> Tuple[Any, Manifest, stream.Received]:
     """Read a header-then-chunks stream; returns the header, its manifest and the
-    assembled payload.
+    assembled payload (a stream.Received, hashed as it arrived: pass its sha256 to
+    codec.decode).
 
     `check_head(head, manifest)` (which may raise) and the size limit judge the header
     before any chunk is buffered, so a wrong model or an oversized stream costs the
@@ -128,7 +172,7 @@ async def read_weight_stream(
 async def _read_weight_stream(
     messages: AsyncIterator[Any], head_field: str, max_bytes: int, check_head: Callable[[Any, Manifest], None],
     on_bytes: Callable[[int], None],
-) -> Tuple[Any, Manifest, bytes]:
+) -> Tuple[Any, Manifest, stream.Received]:
     head = None
     manifest = None
     assembler = None
@@ -146,8 +190,10 @@ async def _read_weight_stream(
                 await _discard(messages)
                 raise
         elif kind == "chunk":
-            on_bytes(len(message.chunk.data))
-            assembler.add(message.chunk.offset, message.chunk.data)
+            chunk = message.chunk
+            data = chunk.data  # read once: each read of a bytes field copies it
+            on_bytes(len(data))
+            assembler.add(chunk.offset, data)
         else:
             raise BadStream(f"{kind}: only chunks may follow the {head_field}")
     if head is None or manifest is None or assembler is None:

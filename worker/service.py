@@ -20,6 +20,7 @@ from jetfed.scaffold import CONTROL_PREFIX, ControlStore, ControlVariates
 from jetfed.scoring import Scorer
 from jetfed.serving import RunningServer
 from jetfed.status import rpc_status
+from jetfed.stream import Received
 from jetfed.tasks.base import Examples, Task, TrainOutcome
 from jetfed.telemetry import Telemetry
 from jetfed.training import derive_seed
@@ -118,8 +119,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             held, head, manifest, payload = await self._receive(request_iterator, context)
             try:
                 config = wire.config_from_proto(head.config)
-                state = codec.decode(manifest, payload)
-                codec.require_finite(state)
+                state = codec.decode_finite(manifest, payload, payload.sha256)
                 state, server_control = scaffold.split_controls(state) if config.scaffold else (state, None)
                 seed = derive_seed(config.seed, head.round, self._name)
                 outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed, server_control)
@@ -143,7 +143,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _receive(
         self, requests: AsyncIterator[worker_pb2.TrainRequest], context: grpc.aio.ServicerContext,
-    ) -> Tuple[Round, Any, codec.Manifest, bytes]:
+    ) -> Tuple[Round, Any, codec.Manifest, Received]:
         """Read a Train stream, taking the worker only once its header is complete and
         valid: a refused header (busy worker included) costs its caller the rest of its
         upload, read unbuffered, so the refusal reaches a client that was still writing
@@ -261,7 +261,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
         return wire.weight_messages(
             worker_pb2.TrainResponse(result=result), result_payload, self._chunk_bytes,
-            lambda chunk: worker_pb2.TrainResponse(chunk=chunk), self._telemetry.on_bytes_sent("Train"),
+            on_bytes=self._telemetry.on_bytes_sent("Train"),
         )
 
     async def Evaluate(
@@ -285,8 +285,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 header=worker_pb2.InitialWeightsHeader(manifest=wire.manifest_to_proto(manifest))
             )
             for message in wire.weight_messages(
-                head, payload, self._chunk_bytes, lambda chunk: worker_pb2.InitialWeightsResponse(chunk=chunk),
-                self._telemetry.on_bytes_sent("InitialWeights"),
+                head, payload, self._chunk_bytes, on_bytes=self._telemetry.on_bytes_sent("InitialWeights"),
             ):
                 yield message
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from jetfed.errors import BadStream, CorruptPayload, InvalidConfig, PayloadTooLarge
-from jetfed.stream import MAX_CHUNK_BYTES, PayloadAssembler, check_chunk_size, split
+from jetfed.stream import MAX_CHUNK_BYTES, PayloadAssembler, Received, check_chunk_size, split
 
 PAYLOAD = bytes(range(256)) * 4 + b"tail"
 
@@ -80,3 +82,43 @@ def test_chunk_size_in_range_is_returned(good):
 def test_chunk_size_out_of_range_is_invalid(bad):
     with pytest.raises(InvalidConfig, match=r"^chunk_bytes: "):
         check_chunk_size(bad)
+
+
+# The assembler hashes as it receives, into one buffer of the announced size.
+
+
+def test_assembler_hashes_what_it_received():
+    assembler = PayloadAssembler(len(PAYLOAD), max_bytes=len(PAYLOAD))
+    for offset, data in split(PAYLOAD, 100):
+        assembler.add(offset, data)
+    received = assembler.finish()
+    assert isinstance(received, Received)
+    assert received.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_an_empty_payload_has_the_empty_digest():
+    assert PayloadAssembler(0, max_bytes=0).finish().sha256 == hashlib.sha256(b"").hexdigest()
+
+
+def test_a_chunk_changed_on_the_way_changes_the_digest():
+    assembler = PayloadAssembler(len(PAYLOAD), max_bytes=len(PAYLOAD))
+    for offset, data in split(PAYLOAD, 100):
+        assembler.add(offset, data if offset != 200 else b"\x00" + data[1:])
+    received = assembler.finish()
+    assert received != PAYLOAD
+    assert received.sha256 == hashlib.sha256(received).hexdigest() != hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_an_overrun_in_a_later_chunk_keeps_nothing_of_it():
+    assembler = PayloadAssembler(6, max_bytes=100)
+    assembler.add(0, b"abcd")
+    with pytest.raises(CorruptPayload, match="more than the announced 6"):
+        assembler.add(4, b"efg")
+    assembler.add(4, b"ef")  # the refused chunk moved nothing
+    assert assembler.finish() == b"abcdef"
+
+
+def test_an_announced_total_costs_nothing_before_its_first_chunk():
+    """A header may announce up to the limit; the buffer comes with the first byte, so a
+    stream refused at its header, or one that stalls, holds nothing (1 TiB here)."""
+    PayloadAssembler(1 << 40, max_bytes=1 << 40)

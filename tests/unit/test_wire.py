@@ -5,11 +5,11 @@ import asyncio
 import pytest
 import torch
 
-from jetfed import wire
+from jetfed import stream, wire
 from jetfed.codec import encode
 from jetfed.config import TrainConfig
 from jetfed.errors import BadStream, CorruptPayload, InvalidConfig, PayloadTooLarge
-from jetfed.v1 import training_pb2, weights_pb2, worker_pb2
+from jetfed.v1 import evaluation_pb2, training_pb2, weights_pb2, worker_pb2
 
 
 @pytest.mark.parametrize(
@@ -168,3 +168,40 @@ def test_oversized_header_is_refused_before_chunks():
     messages = train_messages(payload, manifest, chunk_bytes=64)
     with pytest.raises(PayloadTooLarge):
         read(messages[:1], max_bytes=len(payload) - 1)
+
+
+def test_read_weight_stream_hashes_the_payload_on_the_way():
+    manifest, payload = sample_manifest_and_payload(size=100)
+    _, _, received = read(train_messages(payload, manifest, chunk_bytes=64))
+    assert received.sha256 == manifest.sha256
+
+
+def test_weight_messages_without_a_wrapper_fill_the_header_type_in_place():
+    manifest, payload = sample_manifest_and_payload(size=100)
+    head = worker_pb2.TrainRequest(header=worker_pb2.TrainHeader(round=3, manifest=wire.manifest_to_proto(manifest)))
+    in_place = list(wire.weight_messages(head, payload, 64))
+    assert [m.SerializeToString() for m in in_place] == [m.SerializeToString() for m in train_messages(payload, manifest, 64)]
+
+
+@pytest.mark.parametrize("message_type", [worker_pb2.TrainRequest, worker_pb2.TrainResponse,
+                                          worker_pb2.InitialWeightsResponse, evaluation_pb2.EvaluateRequest])
+def test_a_serialized_chunk_is_every_weight_stream_s_chunk(message_type):
+    """The global model's chunks are serialized once and written to Train and Evaluate
+    calls alike: that holds while every stream carries its chunk as field 2."""
+    payload = bytes(range(200))
+    chunks = wire.serialized_chunks(payload, 64)
+    assert [size for size, _ in chunks] == [64, 64, 64, 8]
+    for (size, raw), (offset, data) in zip(chunks, stream.split(payload, 64)):
+        message = message_type.FromString(raw)
+        assert message.WhichOneof("kind") == "chunk"
+        assert (message.chunk.offset, message.chunk.data) == (offset, data)
+        assert raw == message_type(chunk=weights_pb2.WeightChunk(offset=offset, data=data)).SerializeToString()
+
+
+def test_serialized_messages_pass_chunks_as_they_are_and_count_them():
+    head = worker_pb2.TrainRequest(header=worker_pb2.TrainHeader(round=1))
+    chunks = wire.serialized_chunks(b"x" * 10, 4)
+    counted = []
+    written = [wire.pass_serialized(m) for m in wire.serialized_messages(head, chunks, counted.append)]
+    assert written == [head.SerializeToString()] + [raw for _, raw in chunks]
+    assert counted == [4, 4, 2]
