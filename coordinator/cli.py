@@ -53,7 +53,7 @@ DEFAULTS = {
     "out": None,
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": None,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
-    "round_retries": 3, "max_backoff": 30.0, "resume": False, "log_level": "INFO", "status_address": None,
+    "round_retries": 3, "max_backoff": 30.0, "max_concurrency": 0, "resume": False, "log_level": "INFO", "status_address": None,
     "metrics_address": None,
 }
 
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
          "(default: a majority of the workers)", type=parse_min_workers, metavar="N|all")
     flag("--round-retries", "attempts after a round misses its quorum", type=int)
     flag("--max-backoff", "longest wait in seconds before a failed worker is asked again", type=float)
+    flag("--max-concurrency", "Train calls in flight at once in a round, 0 = every worker at once; each worker's "
+         "--round-timeout starts when its call does. A round asking more workers than N folds each update into "
+         "the new model as it arrives (mean-type strategies), so memory stays O(N) updates; one asking N or "
+         "fewer is averaged as before, bit for bit", type=int, metavar="N")
     flag("--status-address", "serve jetfed.v1.Coordinator (GetStatus, WatchStatus) here, e.g. 127.0.0.1:8781",
          metavar="HOST:PORT")
     flag("--metrics-address", "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9781",
@@ -161,7 +165,8 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         round_timeout=values["round_timeout"], eval_timeout=values["eval_timeout"],
         connect_timeout=values["connect_timeout"],
         min_workers=len(workers) if values["min_workers"] == "all" else values["min_workers"],
-        round_retries=values["round_retries"], max_backoff=values["max_backoff"], resume=values["resume"],
+        round_retries=values["round_retries"], max_backoff=values["max_backoff"],
+        max_concurrency=values["max_concurrency"], resume=values["resume"],
         status_address=values["status_address"], metrics_address=values["metrics_address"],
         tls=tls.TlsFiles.from_flags(values.get("tls_cert"), values.get("tls_key"), values.get("tls_ca")),
         token=read_token(values.get("token_file")),

@@ -31,7 +31,7 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
     },
     "faults": {
         "round_timeout": float, "eval_timeout": float, "connect_timeout": float, "min_workers": WorkerCount,
-        "round_retries": int, "max_backoff": float,
+        "round_retries": int, "max_backoff": float, "max_concurrency": int,
     },
     "transport": {"chunk_bytes": int, "max_payload_bytes": int},
 }

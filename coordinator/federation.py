@@ -22,7 +22,7 @@ from coordinator.fleet_model import FleetModel, ServiceModel, agree
 from coordinator.initial_weights import Start
 from coordinator.roster import Roster
 from coordinator.settings import MAX_PAYLOAD_BYTES, RunSettings
-from coordinator.strategies.base import Contribution
+from coordinator.strategies.base import Accumulator, Contribution
 from jetfed import codec, stream, tls
 from jetfed.auth import bearer_metadata
 from jetfed.codec import StateDict
@@ -86,6 +86,25 @@ def refused_by_another_run(reason: str) -> bool:
     """Whether a worker's failure, as describe_failure wrote it, is its refusal to serve
     this run while another coordinator's run holds it (RunConflict on the wire)."""
     return reason.startswith(f"{RunConflict.code.name}: ") and RunConflict.MARKER in reason
+
+
+# The weights of an update already folded into the round's step (streaming): its
+# figures stay for the round's record, its tensors are gone.
+_FOLDED = Weights(codec.Manifest("", (), 0, ""), b"", {})
+
+
+@dataclass
+class _Attempt:
+    """What one attempt at a round heard: the updates accepted (in the order asked; a
+    folded one keeps only its figures), the delta norm of each, and for a streaming
+    round its step (fed, to finish once the quorum is met), the held updates it scaled
+    and any loud update it folded unscaled (LoudHold.finish)."""
+
+    step: Optional[Accumulator] = None
+    updates: List[Update] = field(default_factory=list)
+    norms: Dict[str, float] = field(default_factory=dict)
+    clipped: Dict[str, str] = field(default_factory=dict)
+    lost_bets: List[str] = field(default_factory=list)
 
 
 class Federation:
@@ -360,11 +379,24 @@ class Federation:
             self.board.worker_failed(name, reason)
             log.warning("worker=%s address=%s unreachable at start: %s", name, self.workers[name].address, reason)
 
+    def _scores_updates(self, round_number: int) -> bool:
+        """Whether this round's updates are scored one by one (evaluate_round)."""
+        return self.settings.score_updates and self.evaluator is not None and self.settings.evaluates(round_number)
+
     async def _attempt(
-        self, round_number: int, names: List[str], record: Dict[str, Any],
-    ) -> Tuple[List[Update], Dict[str, float]]:
-        """Ask `names` to train; return the updates that arrived with a possible
-        example count, and the delta norm of each."""
+        self, round_number: int, names: List[str], record: Dict[str, Any], hold_all: bool = False,
+    ) -> "_Attempt":
+        """Ask `names` to train, at most --max-concurrency calls in flight (each worker's
+        deadline starts with its call, so none expires while it waits for a slot).
+
+        A round asking no more workers than that bound (the default: no bound), or a
+        strategy that needs every update at once, or `hold_all`, holds the updates that
+        arrive and leaves screening and aggregation to train_round, as every release
+        did. A mean-type strategy asking more folds each update into the step as it
+        arrives (Strategy.begin) and drops it, so the coordinator holds at most the bound's
+        updates in its calls plus the bound's loud ones awaiting the median (LoudHold):
+        O(bound x model), whatever the number of workers. Bookkeeping (failures,
+        rejections, successes) is done at the end in the order asked, as before."""
         settings = self.settings
         config = self.strategy.configure(round_number, replace(settings.train, lr=settings.lr_for(round_number)))
         self.board.start_round(round_number, names)
@@ -372,31 +404,86 @@ class Federation:
         extras = self.strategy.companions(sent.state)
         if extras:  # encoded once per attempt, for every worker asked
             sent = Weights.of({**sent.state, **extras}, self.model)
-        results = await asyncio.gather(*(self.train_on(n, round_number, config, sent) for n in names),
-                                       return_exceptions=True)
-        arrived = []
-        for name, result in zip(names, results):
-            if isinstance(result, Update):
-                arrived.append(result)
-                continue
-            if not isinstance(result, JetfedError):
-                raise result
-            if isinstance(result, Failure) and result.kind is Kind.LATE:
-                record["late"].append(name)
-            # It may come back restarted, with other data: ask its GetInfo again then.
-            self._infos.pop(name, None)
-            self._failed(round_number, name, describe_failure(result), record)
-        rejected, norms = self._screen(arrived, config)
-        updates = []
-        for update in arrived:
-            if update.worker in rejected:
-                self._failed(round_number, update.worker, rejected[update.worker], record)
-                continue
-            updates.append(update)
-            self.roster.succeeded(update.worker, round_number)
-            self.board.worker_done(update.worker, round_number, update.train_seconds, update.mean_loss)
-            record["failed"].pop(update.worker, None)
-        return updates, norms
+        bound = settings.max_concurrency or len(names)
+        streaming = self.strategy.streams and not hold_all and len(names) > bound
+        keep = not streaming or self._scores_updates(round_number)
+        base = self.global_weights.state
+        gate = asyncio.Semaphore(max(bound, 1))
+        attempt = _Attempt(step=self.strategy.begin(base) if streaming else None)
+        hold = screening.LoudHold(base, settings.max_norm_ratio, len(names), bound) if streaming else None
+        failures: Dict[str, JetfedError] = {}
+        rejected: Dict[str, str] = {}
+        heard: Dict[str, Update] = {}
+
+        async def call(name: str) -> Update:
+            """A slot is the call and its update until folded (released below), so the
+            updates decoded and not yet folded never outnumber the bound."""
+            await gate.acquire()
+            try:
+                return await self.train_on(name, round_number, config, sent)
+            except BaseException:
+                gate.release()
+                raise
+
+        def fold(ready: List[Tuple[str, StateDict]]) -> None:
+            assert attempt.step is not None
+            for worker, state in ready:
+                attempt.step.add(Contribution(worker, state, heard[worker].num_examples, round_number - 1))
+
+        def take(name: str, task: "asyncio.Future[Update]") -> None:
+            """One finished call: its failure, or its update screened (and folded, when
+            streaming). A function, so no local outlives it holding the update."""
+            failure = task.exception()
+            if failure is not None:
+                if not isinstance(failure, JetfedError):
+                    raise failure
+                failures[name] = failure
+                return
+            update = task.result()
+            gate.release()
+            problem = self.claim_problem(update, config)
+            if problem:
+                rejected[name] = problem
+                return
+            norm = screening.delta_norm(update.weights.state, base)
+            attempt.norms[name] = norm
+            # Its figures only, when streaming and not scored: the weights go into the step.
+            heard[name] = update if hold is None or keep else replace(update, weights=_FOLDED)
+            if hold is not None:
+                fold(hold.offer(name, update.weights.state, norm))
+
+        calls = {asyncio.ensure_future(call(name)): name for name in names}
+        try:
+            while calls:
+                done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+                while done:  # a finished task holds its update: dropped once taken
+                    finished = done.pop()
+                    take(calls.pop(finished), finished)
+                    del finished
+        finally:
+            for pending in calls:
+                pending.cancel()
+        if hold is not None:
+            ready, attempt.clipped, attempt.lost_bets = hold.finish()
+            fold(ready)
+        for name in names:
+            if name in failures:
+                failure = failures[name]
+                if isinstance(failure, Failure) and failure.kind is Kind.LATE:
+                    record["late"].append(name)
+                # It may come back restarted, with other data: ask its GetInfo again then.
+                self._infos.pop(name, None)
+                self._failed(round_number, name, describe_failure(failure), record)
+        for name in names:
+            if name in rejected:
+                self._failed(round_number, name, rejected[name], record)
+            elif name in heard:
+                update = heard[name]
+                attempt.updates.append(update)
+                self.roster.succeeded(name, round_number)
+                self.board.worker_done(name, round_number, update.train_seconds, update.mean_loss)
+                record["failed"].pop(name, None)
+        return attempt
 
     def _missed_quorum(self, round_number: int, updates: int, failed: Dict[str, str]) -> str:
         """Why the round failed. When every worker that failed refused this run because
@@ -408,18 +495,6 @@ class Federation:
                     f"(run {self._run_id}): " + "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
         return (f"round {round_number}: {updates} updates after {settings.round_retries + 1} attempts, "
                 f"the quorum is {settings.quorum}: {failed}")
-
-    def _screen(self, arrived: List[Update], config: TrainConfig) -> Tuple[Dict[str, str], Dict[str, float]]:
-        """Why each update claiming an impossible example count is dropped, and the
-        delta norm of each of the others."""
-        rejected: Dict[str, str] = {}
-        for update in arrived:
-            problem = screening.claim_problem(update.num_examples, config, self._infos[update.worker].dataset_size)
-            if problem:
-                rejected[update.worker] = problem
-        norms = {u.worker: screening.delta_norm(u.weights.state, self.global_weights.state)
-                 for u in arrived if u.worker not in rejected}
-        return rejected, norms
 
     def claim_problem(self, update: Update, config: TrainConfig) -> Optional[str]:
         """Why `update`'s example count is impossible for `config` (screening), or None."""
@@ -460,13 +535,22 @@ class Federation:
         deadline with a possible example count are averaged, each change clipped to
         --max-norm-ratio times the median, if they reach the quorum. Otherwise the round
         is tried again (everyone asked, the global model untouched) up to
-        --round-retries times."""
+        --round-retries times. With --max-concurrency below the workers asked, the
+        deadline is each call's: a round can last longer than --round-timeout while
+        workers wait for a slot, none of them late for it."""
         settings = self.settings
         record: Dict[str, Any] = {"round": round_number, "lr": settings.lr_for(round_number), "failed": {}, "late": []}
         for attempt in range(1, settings.round_retries + 2):
             names = self.strategy.select(round_number, self.roster.due(everyone=attempt > 1))
             record["skipped"] = [n for n in self.roster.names if n not in names]
-            updates, norms = await self._attempt(round_number, names, record)
+            outcome = await self._attempt(round_number, names, record)
+            if outcome.lost_bets:
+                log.warning("round=%d: %d updates are over --max-norm-ratio x the median, more than the %d the "
+                            "coordinator holds to scale them (--max-concurrency); asking again, holding every "
+                            "update: %s", round_number, len(outcome.lost_bets), settings.max_concurrency,
+                            ", ".join(outcome.lost_bets))
+                outcome = await self._attempt(round_number, names, record, hold_all=True)
+            updates, norms = outcome.updates, outcome.norms
             if len(updates) >= settings.quorum:
                 break
             if attempt <= settings.round_retries:
@@ -476,13 +560,21 @@ class Federation:
                 await asyncio.sleep(pause)
         else:
             raise RunFailed(self._missed_quorum(round_number, len(updates), record["failed"]))
-        states, clipped = screening.clip_to_bound({u.worker: u.weights.state for u in updates},
-                                                  self.global_weights.state, norms, settings.max_norm_ratio)
+        if outcome.step is None:
+            states, clipped = screening.clip_to_bound({u.worker: u.weights.state for u in updates},
+                                                      self.global_weights.state, norms, settings.max_norm_ratio)
+            contributions = [Contribution(u.worker, states[u.worker], u.num_examples, round_number - 1)
+                             for u in updates]
+            new_state = self.strategy.aggregate(self.global_weights.state, contributions)
+        else:
+            clipped = {u.worker: outcome.clipped[u.worker] for u in updates if u.worker in outcome.clipped}
+            new_state = outcome.step.finish()
         for name, note in clipped.items():
             log.warning("round=%d worker=%s clipped: %s", round_number, name, note)
-        contributions = [Contribution(u.worker, states[u.worker], u.num_examples, round_number - 1) for u in updates]
-        self._updates = updates
-        self._weights = Weights.of(self.strategy.aggregate(self.global_weights.state, contributions), self.model)
+        # Kept for evaluate_round only when it scores them: otherwise a round's updates
+        # would stay in memory through the next round.
+        self._updates = updates if self._scores_updates(round_number) else []
+        self._weights = Weights.of(new_state, self.model)
         note = self.strategy.note()
         if note:
             record["strategy"] = note

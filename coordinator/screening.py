@@ -17,9 +17,10 @@ needs a robust strategy (median, trimmed mean, Krum)."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -79,10 +80,92 @@ def clip_to_bound(
     for name, norm in norms.items():
         if norm > max_ratio * median:
             averaged[name] = scaled(states[name], (bases or {}).get(name, base), median / norm)
-            notes[name] = (f"delta norm {norm:.4g} is {norm / median if median else math.inf:.1f}x the median "
-                           f"{median:.4g} of the round's {len(norms)} updates (over {max_ratio:g}x, "
-                           f"--max-norm-ratio); scaled down to the median")
+            notes[name] = _clip_note(norm, median, len(norms), max_ratio)
     return averaged, notes
+
+
+def _clip_note(norm: float, median: float, count: int, max_ratio: float) -> str:
+    return (f"delta norm {norm:.4g} is {norm / median if median else math.inf:.1f}x the median "
+            f"{median:.4g} of the round's {count} updates (over {max_ratio:g}x, --max-norm-ratio); "
+            "scaled down to the median")
+
+
+class LoudHold:
+    """clip_to_bound for a round whose updates are folded into the new model as they
+    arrive (a streaming strategy), so the round's median norm is known only once the
+    last has arrived. An update is folded at once when it can no longer be over the
+    bound whatever comes next: its norm is within `max_ratio` times a lower bound of the
+    round's median (the norms seen so far, the updates still awaited counted as 0).
+    Otherwise it is held, up to `capacity` of them; past that the quietest held one is
+    folded unscaled, a bet checked at the end (`finish`). An honest round bets right: a
+    loud update is the exception, and the quietest of those held is folded. Held ones
+    are scaled as clip_to_bound scales them, so the outcome is clip_to_bound's unless
+    more than `capacity` updates of one round are over the bound; then `finish` names
+    the lost bets and the driver runs the round again holding every update.
+
+    Why not a bound from the norms seen so far, or the previous round's median: either
+    changes which updates are scaled (by arrival order, or by how fast norms shrink),
+    and the rule's outcome is pinned (tests/unit/test_screening.py,
+    tests/integration/test_poisoning.py)."""
+
+    def __init__(self, base: StateDict, max_ratio: float, expected: int, capacity: int) -> None:
+        self.base, self.max_ratio, self.expected, self.capacity = base, max_ratio, expected, max(capacity, 1)
+        self.norms: Dict[str, float] = {}
+        self._sorted: List[float] = []
+        self.held: Dict[str, StateDict] = {}
+        # Folded unscaled without proof that they are within the bound: checked at the end.
+        self._bets: Dict[str, float] = {}
+
+    def _lower_median(self) -> float:
+        """The smallest the round's median can still be: more updates may come (up to
+        `expected`), each with a norm of 0 at the least, and adding a 0 never raises a
+        median (statistics.median of the norms seen and the zeros, without the list)."""
+        missing = max(self.expected - len(self._sorted), 0)
+        count = missing + len(self._sorted)
+
+        def at(i: int) -> float:
+            return 0.0 if i < missing else self._sorted[i - missing]
+
+        if not count:
+            return 0.0
+        return at(count // 2) if count % 2 else (at(count // 2 - 1) + at(count // 2)) / 2
+
+    def _safe(self, norm: float) -> bool:
+        """Within the bound whatever the round's median turns out to be; with fewer than
+        three updates possible the rule never fires."""
+        return self.expected < MIN_UPDATES_FOR_NORM_RULE or norm <= self.max_ratio * self._lower_median()
+
+    def offer(self, name: str, state: StateDict, norm: float) -> List[Tuple[str, StateDict]]:
+        """Take one update's state and norm; returns those to fold now, unscaled (this one,
+        held ones the new norm proved safe, or the quietest when the hold is full)."""
+        self.norms[name] = norm
+        bisect.insort(self._sorted, norm)
+        self.held[name] = state
+        ready = [(n, self.held.pop(n)) for n in [n for n in self.held if self._safe(self.norms[n])]]
+        while len(self.held) > self.capacity:
+            quietest = min(self.held, key=lambda n: (self.norms[n], n))
+            self._bets[quietest] = self.norms[quietest]
+            ready.append((quietest, self.held.pop(quietest)))
+        return ready
+
+    def finish(self) -> Tuple[List[Tuple[str, StateDict]], Dict[str, str], List[str]]:
+        """Once every update has been offered: the held states to fold (each scaled as
+        clip_to_bound would), a note for each one scaled, and the updates folded unscaled
+        that the round's median puts over the bound (none unless more than `capacity`
+        were loud: the round's result is then not clip_to_bound's)."""
+        held, self.held = self.held, {}
+        if len(self.norms) < MIN_UPDATES_FOR_NORM_RULE:
+            return list(held.items()), {}, []
+        median = statistics.median(self.norms.values())
+        bound = self.max_ratio * median
+        folded, notes = [], {}
+        for name, state in held.items():
+            norm = self.norms[name]
+            if norm > bound:
+                state = scaled(state, self.base, median / norm)
+                notes[name] = _clip_note(norm, median, len(self.norms), self.max_ratio)
+            folded.append((name, state))
+        return folded, notes, [name for name, norm in self._bets.items() if norm > bound]
 
 
 def scaled(state: StateDict, base: StateDict, factor: float) -> StateDict:

@@ -32,6 +32,8 @@ MAX_PAYLOAD_BYTES = 4 << 30
 # An update whose delta norm exceeds this multiple of the round's median is scaled down to the median.
 DEFAULT_MAX_NORM_RATIO = 10.0
 MAX_NORM_RATIO = 1e6
+# --max-concurrency: beyond this many calls in flight a value is a typo (0: no bound).
+MAX_CONCURRENCY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class RunSettings:
     min_workers: Optional[int] = None
     round_retries: int = 3
     max_backoff: float = 30.0
+    # Train calls in flight at once in a round (0: every worker asked at once). A round
+    # asking more workers than this folds each update into the step as it arrives
+    # (federation.Federation._attempt), so the coordinator holds O(bound) updates.
+    max_concurrency: int = 0
     resume: bool = False
     # Score every update on the evaluator, as the reference did (simulations of many
     # workers score only the global model).
@@ -119,6 +125,7 @@ class RunSettings:
                 f"per round, and this run's quorum is {self.quorum}: give --min-workers {needed} (with at least "
                 f"{needed} workers) or a smaller f (--strategy-param f=N)")
         _check_int("round_retries", self.round_retries, 0, MAX_ROUND_RETRIES)
+        _check_int("max_concurrency", self.max_concurrency, 0, MAX_CONCURRENCY)
         for name, value in (
             ("round_timeout", self.round_timeout), ("eval_timeout", self.eval_timeout),
             ("connect_timeout", self.connect_timeout), ("max_backoff", self.max_backoff),

@@ -122,6 +122,10 @@ class Aggregator(ABC):
     """One rule; `f` is the number of hostile workers it is set to withstand."""
 
     name = ""
+    # Whether the rule is a weighted mean that can take each delta as it arrives and drop
+    # it (base.Folding); False: it needs every delta at once (sorting, distances), so
+    # the driver holds the round's updates (at most its sample).
+    streams = False
 
     def __init__(self, f: int = 0) -> None:
         self.f = f
@@ -148,6 +152,7 @@ class Aggregator(ABC):
 
 class Mean(Aggregator):
     name = "mean"
+    streams = True
 
     def __call__(self, deltas: Deltas, weights: Sequence[float]) -> StateDict:
         return weighted_mean(deltas, weights)

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from coordinator.strategies.aggregate import Aggregator, Mean
-from coordinator.strategies.fedavg import fedavg
+from coordinator.strategies.fedavg import ExactSum, fedavg
 from coordinator.strategies.server_opt import Plain, ServerOptimizer
 from coordinator.strategies.staleness import polynomial
 from jetfed.codec import StateDict
@@ -45,10 +45,51 @@ class Contribution:
     pace: float = 1.0
 
 
+class Accumulator(ABC):
+    """One server step fed update by update (Strategy.begin): `add` each proven
+    contribution as it arrives, then `finish` for the next global model, once."""
+
+    @abstractmethod
+    def add(self, contribution: Contribution) -> None:
+        """Take one update into the step (a folding accumulator keeps none of its tensors)."""
+
+    @abstractmethod
+    def finish(self) -> StateDict:
+        """The next global model; the accumulator is spent."""
+
+
+class Batch(Accumulator):
+    """For a strategy that needs every update at once (a median, Krum's distances): holds
+    them all, then calls its `aggregate`. The driver bounds how many there are (the
+    round's sample)."""
+
+    def __init__(self, strategy: "Strategy", global_state: StateDict) -> None:
+        self._strategy, self._global = strategy, global_state
+        self._contributions: List[Contribution] = []
+
+    def add(self, contribution: Contribution) -> None:
+        self._contributions.append(contribution)
+
+    def finish(self) -> StateDict:
+        contributions, self._contributions = self._contributions, []
+        return self._strategy.aggregate(self._global, contributions)
+
+
 class Strategy(ABC):
     name = ""
     # Synchronous strategies run in rounds; asynchronous ones in a buffer of updates.
     asynchronous = False
+
+    @property
+    def streams(self) -> bool:
+        """Whether `begin` folds each update in as it arrives and drops it (a mean), so a
+        step holds O(model) whatever the number of updates; False: it needs every update
+        at once (see Batch)."""
+        return False
+
+    def begin(self, global_state: StateDict) -> Accumulator:
+        """A server step from `global_state`, fed update by update (default: Batch)."""
+        return Batch(self, global_state)
 
     def select(self, version: int, available: Sequence[str]) -> List[str]:
         """Who trains for `version` (default: everyone available, jetfed's behaviour)."""
@@ -103,6 +144,13 @@ class Composite(Strategy):
         """The mean with a plain step of 1: FedAvg, averaged in state space when every
         update is whole (see `aggregate`)."""
         return isinstance(self.aggregator, Mean) and isinstance(self.optimizer, Plain) and self.optimizer.lr == 1.0
+
+    @property
+    def streams(self) -> bool:
+        return self.aggregator.streams
+
+    def begin(self, global_state: StateDict) -> Accumulator:
+        return Folding(self, global_state) if self.streams else Batch(self, global_state)
 
     def select(self, version: int, available: Sequence[str]) -> List[str]:
         """All of `available`, or `sample` of them drawn by (seed, version): the same
@@ -163,3 +211,65 @@ class Composite(Strategy):
                                         if k.startswith("optimizer/")})
         self.aggregator.load_state_dict({k[len("aggregator/"):]: v for k, v in tensors.items()
                                          if k.startswith("aggregator/")})
+
+
+class Folding(Accumulator):
+    """A mean-type step (Composite with a streaming aggregator) fed one update at a time:
+    each weighted update is folded into exact sums (fedavg.ExactSum) and dropped, so
+    the step holds two float64 sums of the model whatever the number of updates, and
+    ends with the same model in any arrival order.
+
+    Plain FedAvg folds the states (its state-space average), the others the deltas
+    (trained - global, times the discount) for the optimizer's step, and the integer
+    buffers as FedAvg does. The result is the exact weighted mean rounded once; the
+    batch `aggregate` sums in the contributions' order with each weight divided by the
+    total first, which differs from it in the last bit of a few coordinates in a
+    thousand (measured: 0.02-1.7%, most where the mean of float32 values is an exact tie).
+    No order-free sum can reproduce those bits: the total is known only at the end."""
+
+    def __init__(self, strategy: Composite, global_state: StateDict) -> None:
+        self._strategy, self._global = strategy, global_state
+        self._plain = strategy.is_plain_fedavg
+        # Sorted, as Composite.aggregate orders the optimizer's tensors.
+        self._floats = sorted(name for name, t in global_state.items() if t.is_floating_point())
+        self._sum = ExactSum()
+        self._count = 0
+        self._total = 0.0
+
+    def add(self, contribution: Contribution) -> None:
+        strategy = self._strategy
+        weight = strategy.weight(contribution)
+        whole = contribution.base is None and strategy.discount(contribution) == 1.0
+        if self._plain:
+            if not whole:
+                raise ValueError("state-space FedAvg folds whole updates of the current model; a stale or "
+                                 "discounted one goes through aggregate")
+            self._sum.add(contribution.state, weight)
+        else:
+            base = self._global if contribution.base is None else contribution.base
+            discount = strategy.discount(contribution)
+            self._sum.add({n: (contribution.state[n].to(torch.float64) - base[n].to(torch.float64)) * discount
+                           for n in self._floats}, weight)
+            self._sum.add({n: t for n, t in contribution.state.items() if n not in self._floats}, weight)
+        self._count += 1
+        self._total += weight
+
+    def finish(self) -> StateDict:
+        if not self._count:
+            raise ValueError("a server step needs at least one update")
+        total = self._total
+        if total <= 0:
+            raise ValueError("the weights of an aggregation must sum to a positive number")
+        out: StateDict = {}
+        if self._plain:
+            for name, tensor in self._global.items():
+                mean = self._sum.mean(name, total)
+                out[name] = mean.to(tensor.dtype) if tensor.is_floating_point() else mean.round().to(tensor.dtype)
+            return out
+        step = self._strategy.optimizer.step({n: self._sum.mean(n, total) for n in self._floats})
+        for name, tensor in self._global.items():
+            if name in step:
+                out[name] = (tensor.to(torch.float64) + step.pop(name)).to(tensor.dtype)
+            else:
+                out[name] = self._sum.mean(name, total).round().to(tensor.dtype)
+        return out

@@ -45,6 +45,11 @@ class Scaffold(Composite):
     def is_plain_fedavg(self) -> bool:
         return False
 
+    @property
+    def streams(self) -> bool:
+        """Its control variate's change is taken from every update at the step (batch)."""
+        return False
+
     def configure(self, version: int, config: TrainConfig) -> TrainConfig:
         self._recipe = replace(config, scaffold=True)
         return self._recipe
