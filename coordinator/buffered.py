@@ -36,13 +36,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Step:
-    """A server step ready to commit: its record, its model, the strategy's state
-    then, and its evaluation when this version is scored."""
+    """A server step (or a synchronous round, coordinator.rounds) ready to commit: its
+    record, its model, the strategy's state then, and its evaluation when this version
+    is scored (a Score or None here; a RoundEvaluation for a round)."""
 
     record: Dict[str, Any]
     weights: Weights
     strategy_state: Any
-    evaluation: Optional["asyncio.Future[Optional[Score]]"] = None
+    evaluation: Optional["asyncio.Future[Any]"] = None
 
 
 @dataclass(frozen=True)

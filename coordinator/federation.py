@@ -149,6 +149,8 @@ class Federation:
         # Workers that did not answer at start, with the reason: warned about, recorded.
         self.absent: Dict[str, str] = {}
         self._updates: List[Update] = []
+        # Evaluate calls in flight, whatever round they score (evaluate_round).
+        self._evaluation_slots: Optional[asyncio.Semaphore] = None
 
     def _client(self, name: str, address: str) -> WorkerClient:
         return WorkerClient(name, address, self.settings.chunk_bytes, credentials=self._credentials,
@@ -600,24 +602,44 @@ class Federation:
                     pass
         return report.label_groups([list(self._infos[n].label_counts) for n in self.roster.names if n in self._infos])
 
-    async def evaluate_round(self) -> Dict[str, Score]:
-        """Score every update, then the new global model, printed in the reference's order."""
-        assert self.evaluator is not None
-        timeout = self.settings.eval_timeout
+    def round_models(self) -> List[Tuple[str, str, Weights]]:
+        """What evaluate_round scores for the round just trained, as (key, who, weights):
+        each update (with --score-updates), then the new global model. Taken as the
+        round ends, since the next round replaces them while these are being scored."""
         updates = self._updates if self.settings.score_updates else []
         tagged = [(u.worker, f"Model update {u.worker}", u.weights) for u in updates]
-        tagged.append(("global", "Federated model", self.global_weights))
+        # The global model's own Weights get the chunks the next round serializes for
+        # the workers' Train calls, which the Evaluate stub does not write as they are:
+        # the evaluator is sent a Weights of the same bytes without that cache.
+        weights = self.global_weights
+        tagged.append(("global", "Federated model", Weights(weights.manifest, weights.payload, weights.state)))
+        return tagged
+
+    async def evaluate_round(
+        self, round_number: int, models: List[Tuple[str, str, Weights]],
+    ) -> Tuple[Dict[str, Score], List[str]]:
+        """Score round `round_number`'s `models` (round_models), at most
+        _CONCURRENT_EVALUATIONS at once, and return the scores with the console lines in
+        the reference's order. The caller prints them when the round's turn comes: later
+        rounds may be training meanwhile (coordinator.rounds)."""
+        assert self.evaluator is not None
+        timeout = self.settings.eval_timeout
         groups = await self.label_groups()
-        self.say("Evaluating models")
-        limit = asyncio.Semaphore(_CONCURRENT_EVALUATIONS)
-        scores = await asyncio.gather(*(self._evaluate(key, w, timeout, limit) for key, _, w in tagged))
-        for (_, who, _), score in zip(tagged, scores):
-            for line in report.score_lines(who, score, groups):
-                self.say(line)
-        scored = {key: score for (key, _, _), score in zip(tagged, scores)}
-        self.board.evaluated(self.board.round, scored)
-        self.telemetry.set_evaluation(self.board.round, {key: s.metrics for key, s in scored.items()})
-        return scored
+        if self._evaluation_slots is None:  # one bound for every round's evaluation at once
+            self._evaluation_slots = asyncio.Semaphore(_CONCURRENT_EVALUATIONS)
+        calls = [asyncio.ensure_future(self._evaluate(key, w, timeout, self._evaluation_slots)) for key, _, w in models]
+        try:
+            scores = await asyncio.gather(*calls)
+        finally:  # one failed: the others would hold the evaluator's streams for nothing
+            for call in calls:
+                call.cancel()
+        lines = ["Evaluating models"]
+        for (_, who, _), score in zip(models, scores):
+            lines += report.score_lines(who, score, groups)
+        scored = {key: score for (key, _, _), score in zip(models, scores)}
+        self.board.evaluated(round_number, scored)
+        self.telemetry.set_evaluation(round_number, {key: s.metrics for key, s in scored.items()})
+        return scored, lines
 
     async def _end_run(self) -> None:
         """EndRun on every worker at once, each within _END_RUN_TIMEOUT_S; a worker that is

@@ -18,10 +18,10 @@ from coordinator.discovery import Resolve, WorkerDns, grpc_probe, resolve_tcp
 from coordinator.failures import describe_failure
 from coordinator.federation import Federation, Fleet, RunFailed, RunSummary, Say
 from coordinator.progress import Progress
+from coordinator.rounds import Console, RoundDriver, settled
 from coordinator.settings import RunSettings
 from coordinator.status_service import CoordinatorStatusService
 from jetfed import serving, tls
-from jetfed.errors import JetfedError
 from jetfed.telemetry import RpcMetricsInterceptor, RunTelemetry, Telemetry
 from jetfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -62,22 +62,6 @@ def _serve_metrics(settings: RunSettings, telemetry: Telemetry) -> None:
     host, _, port = settings.metrics_address.rpartition(":")
     bound = telemetry.start_http(host, int(port), setting="--metrics-address")
     log.info("metrics on http://%s:%d/metrics", host, bound)
-
-
-async def _evaluate(federation: Federation, round_number: int, record: Dict[str, Any]) -> Optional[Score]:
-    """Score the round's models into `record` and return the global model's score; an
-    unreachable evaluator is recorded, not fatal, so training goes on."""
-    started = time.perf_counter()
-    score = None
-    try:
-        scores = await federation.evaluate_round()
-        record["evaluation"] = {key: report.score_record(s) for key, s in scores.items()}
-        score = scores["global"]
-    except JetfedError as failure:
-        record["evaluation_error"] = describe_failure(failure)
-        log.warning("round=%d evaluation failed: %s", round_number, record["evaluation_error"])
-    record["eval_s"] = time.perf_counter() - started
-    return score
 
 
 async def run(
@@ -185,52 +169,42 @@ async def _rounds(
     settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int,
     dns: Optional[WorkerDns] = None,
 ) -> RunSummary:
-    """Connect, then run rounds `first`..N, each committed as it ends; with `dns`,
-    workers it names later join between rounds."""
-    board, say, telemetry = federation.board, federation.say, federation.telemetry
+    """Connect, then run rounds `first`..N (coordinator.rounds), each committed in order
+    once its evaluation, which runs beside the next rounds, is in; with `dns`, workers
+    it names later join between rounds."""
+    board = federation.board
     model_path = settings.out_dir / "model.safetensors"
-    train_total = eval_total = 0.0
     final: Optional[Score] = None
-    contributed: Set[str] = set()
     started = time.perf_counter()
     await federation.connect()
     connect_seconds = time.perf_counter() - started
-    for round_number in range(first, settings.rounds + 1):
-        if dns is not None and round_number > first:
-            await _look_again(dns, federation)
-            settings = federation.settings
-        say(f"Training round {round_number}/{settings.rounds}")
-        telemetry.set_round(round_number)
-        round_started = time.perf_counter()
-        try:
-            record = await federation.train_round(round_number)
-        except RunFailed:
-            telemetry.observe_round(time.perf_counter() - round_started, "failed")
-            raise
-        if round_number == first and federation.absent:
-            record["unreachable_at_start"] = dict(federation.absent)
-        contributed.update(record["workers"])
-        telemetry.set_workers_contributing(len(record["workers"]))
-        record["train_s"] = time.perf_counter() - round_started
-        train_total += record["train_s"]
-        if federation.evaluator and settings.evaluates(round_number):
-            score = await _evaluate(federation, round_number, record)
-            final = score if round_number == settings.rounds else final
-            eval_total += record["eval_s"]
-        record["duration_s"] = time.perf_counter() - round_started
-        telemetry.observe_round(record["duration_s"], "completed")
-        board.end_round(record["duration_s"])
-        log.info("round=%d/%d workers=%d/%d duration=%.2fs elapsed=%.1fs eta=%.1fs", round_number, settings.rounds,
-                 len(record["workers"]), len(settings.workers), record["duration_s"], board.elapsed, board.eta)
-        _commit(settings, federation, metrics, record)
+    console = Console(federation.say)
+    federation.say = console.say
+    look_again = (lambda: _look_again(dns, federation)) if dns is not None else None
+    driver = RoundDriver(federation, first, console, look_again)
+    async for step in driver.steps():
+        record = step.record
+        evaluation = await settled(step)
+        if evaluation is not None:
+            record["eval_s"] = evaluation.seconds
+            if evaluation.error:
+                record["evaluation_error"] = evaluation.error
+            else:
+                record["evaluation"] = {key: report.score_record(s) for key, s in evaluation.scores.items()}
+                final = evaluation.scores["global"] if record["round"] == settings.rounds else final
+        _commit(federation.settings, federation, metrics, record, step)
+        console.release(record["round"], evaluation.lines if evaluation is not None else [])
     with _writing(model_path, "free space, then --resume writes it from the last checkpoint"):
         checkpoint.write_model(model_path, federation.global_weights.state, federation.model, settings.rounds)
     board.end()
+    settings = federation.settings
+    # Training ends with the last round; evaluation is what the run waited for after it.
+    trained = driver.tally.trained_at - started - connect_seconds
     return RunSummary(
         rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,
-        train_seconds=train_total, eval_seconds=eval_total, model_path=model_path,
-        workers=len(settings.workers), absent_at_start=dict(federation.absent),
-        never_contributed=[name for name in settings.workers if name not in contributed],
+        train_seconds=trained, eval_seconds=time.perf_counter() - driver.tally.trained_at,
+        model_path=model_path, workers=len(settings.workers), absent_at_start=dict(federation.absent),
+        never_contributed=[name for name in settings.workers if name not in driver.tally.contributed],
     )
 
 
