@@ -36,6 +36,7 @@ from jetfed.v1 import (
 
 Metadata = Tuple[Tuple[str, str], ...]
 TRAIN_METHOD = "/jetfed.v1.Worker/Train"
+EVALUATE_METHOD = "/jetfed.v1.Evaluator/Evaluate"
 
 
 def _channel(address: str, credentials: Optional[grpc.ChannelCredentials]) -> grpc.aio.Channel:
@@ -274,6 +275,11 @@ class EvaluatorClient:
         self._guarded = credentials is not None or bool(metadata)
         self._channel = _channel(address, credentials)
         self._stub = evaluator_pb2_grpc.EvaluatorStub(self._channel)
+        # Evaluate as the stub's, but able to write a model's serialized chunks as they are.
+        self._evaluate = self._channel.stream_unary(
+            EVALUATE_METHOD, request_serializer=wire.pass_serialized,
+            response_deserializer=evaluation_pb2.EvaluateResponse.FromString,
+        )
 
     async def info(self, timeout: float) -> info_pb2.GetInfoResponse:
         with _border():
@@ -281,7 +287,7 @@ class EvaluatorClient:
 
     async def evaluate(self, tag: str, weights: Weights, timeout: float) -> Score:
         with _border():
-            call = self._stub.Evaluate(timeout=timeout, metadata=self._metadata)
+            call = self._evaluate(timeout=timeout, metadata=self._metadata)
             messages = _evaluate_messages(tag, weights, self._chunk_bytes, self._telemetry.on_bytes_sent("Evaluate"))
             await _send(call, messages, self._guarded)
             return _score(await call)

@@ -608,11 +608,9 @@ class Federation:
         round ends, since the next round replaces them while these are being scored."""
         updates = self._updates if self.settings.score_updates else []
         tagged = [(u.worker, f"Model update {u.worker}", u.weights) for u in updates]
-        # The global model's own Weights get the chunks the next round serializes for
-        # the workers' Train calls, which the Evaluate stub does not write as they are:
-        # the evaluator is sent a Weights of the same bytes without that cache.
-        weights = self.global_weights
-        tagged.append(("global", "Federated model", Weights(weights.manifest, weights.payload, weights.state)))
+        # The global model's chunks, serialized once for the next round's Train calls,
+        # go to the evaluator as they are too.
+        tagged.append(("global", "Federated model", self.global_weights))
         return tagged
 
     async def evaluate_round(
