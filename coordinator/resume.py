@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # What must not change between a run and its resumption, or the result is another run;
 # the model too, by the name the fleet reported (run_identity), checked at connect.
-_PINNED = ("task", "train", "lr_decay", "lr_min_factor", "weighting", "max_norm_ratio")
+# max_concurrency: whether a round streams its updates decides FedAvg's last bits.
+_PINNED = ("task", "train", "lr_decay", "lr_min_factor", "weighting", "max_norm_ratio", "max_concurrency")
 # Checkpoints from before strategies ran FedAvg.
 _OLDER_STRATEGY = StrategySpec()
 
@@ -92,7 +93,7 @@ def first_round(settings: RunSettings, federation: Federation, say: Say) -> int:
         log.info("resume: no checkpoint in %s; starting at round 1", folder)
         return 1
     # Checkpoints from before tasks pinned no task: they ran mnist.
-    pinned = {"task": OLDER_TASK, "strategy": _strategy_identity(_OLDER_STRATEGY), **saved.run}
+    pinned = {"task": OLDER_TASK, "strategy": _strategy_identity(_OLDER_STRATEGY), "max_concurrency": 0, **saved.run}
     if isinstance(pinned.get("train"), dict):  # recipes from before FedProx sent no proximal term
         pinned["train"] = {"proximal_mu": 0.0, **pinned["train"]}
     _fill_added_params(pinned.get("strategy"))

@@ -53,3 +53,15 @@ def test_a_checkpoint_from_before_a_parameter_existed_pins_its_old_behaviour() -
     scaffold = {"name": "scaffold", "params": {"sample": 0, "server_lr": 1.0}}
     _fill_added_params(scaffold)  # its server optimizer came later: plain
     assert scaffold == _strategy_identity(StrategySpec("scaffold"))
+
+
+def test_max_concurrency_is_part_of_a_runs_identity() -> None:
+    from coordinator.resume import run_identity
+    from coordinator.settings import RunSettings
+
+    def identity(**extra: object) -> dict:
+        return run_identity(RunSettings(workers={"a": "h:1"}, evaluator=None, out_dir=Path("."), **extra), "m")
+
+    # a round that streams its updates sums them otherwise: its last bits differ
+    assert identity(max_concurrency=4) != identity()
+    assert identity()["max_concurrency"] == 0  # what a checkpoint from before the flag is filled with
