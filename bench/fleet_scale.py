@@ -116,7 +116,7 @@ def run_one(workers: int, args: argparse.Namespace, out: Path) -> Dict[str, Any]
             args.profile.mkdir(parents=True, exist_ok=True)
             command += ["-m", "cProfile", "-o", str(args.profile / f"coordinator-{args.model}-{workers}.prof")]
         command += ["-m", "jetfed.cli", "coordinator", "--config", str(config), "--out", str(out / "run"),
-                    "--log-level", args.log_level]
+                    "--log-level", args.log_level, *args.coordinator_arg]
         with open(out / "coordinator.log", "wb") as log:
             coordinator = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
@@ -142,6 +142,7 @@ def run_one(workers: int, args: argparse.Namespace, out: Path) -> Dict[str, Any]
     result: Dict[str, Any] = {
         "bench": "fleet_scale", "commit": git_commit(), "model": args.model, "model_bytes": model_bytes,
         "workers": workers, "harness_processes": processes, "rounds": args.rounds, "strategy": args.strategy,
+        "coordinator_args": args.coordinator_arg,
         "load_1min": [round(load_before, 1), round(load_after, 1)], "fleet_start_s": round(fleet.start_seconds, 1),
     }
     if coordinator.returncode != 0 or sampler.over:
@@ -181,16 +182,16 @@ def run_one(workers: int, args: argparse.Namespace, out: Path) -> Dict[str, Any]
 
 
 def table(results: List[Dict[str, Any]]) -> str:
-    head = ("| model | N | round 1 s | round s (2..R) | coordinator CPU s/round | harness CPU s/round | idle RSS MiB "
-            "| peak RSS MiB | peak - idle (models) | load |")
+    head = ("| model | N | coordinator flags | round 1 s | round s (2..R) | coordinator CPU s/round "
+            "| harness CPU s/round | idle RSS MiB | peak RSS MiB | peak - idle MiB (models) | load |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
+        first = f"| {r['model']} | {r['workers']} | {' '.join(r.get('coordinator_args', [])) or '-'} "
         if "failed" in r:
-            rows.append(f"| {r['model']} | {r['workers']} | failed: {r['failed']} | | | | | {r['peak_rss_mib']} | | "
-                        f"{r['load_1min']} |")
+            rows.append(first + f"| failed: {r['failed']} | | | | | {r['peak_rss_mib']} | | {r['load_1min']} |")
             continue
         rows.append(
-            f"| {r['model']} | {r['workers']} | {r['round1_s']:.2f} | {r['round_s']:.2f} | {r['cpu_s_per_round']} "
+            first + f"| {r['round1_s']:.2f} | {r['round_s']:.2f} | {r['cpu_s_per_round']} "
             f"| {r['harness_cpu_s_per_round']} | {r['idle_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} "
             f"| {r['above_idle_mib']:.0f} ({r['above_idle_models']}) | {r['load_1min'][0]}-{r['load_1min'][1]} |"
         )
@@ -199,12 +200,15 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", default=None, help="comma-separated N (default 10,100,300,1000; resnet18: 3,10,30)")
+    parser.add_argument("--workers", default=None,
+                        help="comma-separated N (default 10,100,300,1000; resnet18: 3,10,30)")
     parser.add_argument("--model", default="mnist-cnn", choices=["mnist-cnn", "resnet18"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--max-rss-mib", type=float, default=8192.0)
     parser.add_argument("--log-level", default="INFO", help="the coordinator's, as a deployment runs it")
+    parser.add_argument("--coordinator-arg", action="append", default=[], metavar="FLAG",
+                        help="a flag for the coordinator, repeatable, e.g. --coordinator-arg=--max-concurrency=16")
     parser.add_argument("--profile", type=Path, metavar="DIR")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each run's folder here (default: a temp dir)")
     args = parser.parse_args(argv)
