@@ -44,6 +44,9 @@ class Step:
     weights: Weights
     strategy_state: Any
     evaluation: Optional["asyncio.Future[Any]"] = None
+    # Set once the step is checkpointed, for a driver that must not go on before (see
+    # Strategy.workers_keep_state).
+    committed: Optional[asyncio.Event] = None
 
 
 @dataclass(frozen=True)

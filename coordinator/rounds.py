@@ -175,8 +175,12 @@ class RoundDriver:
             self._evaluations.append(evaluation)
             step.evaluation = evaluation
         self.console.hold(round_number)  # lines said from now on print once this round is committed
+        if federation.strategy.workers_keep_state:
+            step.committed = asyncio.Event()
         full = time.perf_counter()
         await self._steps.put(step)  # full: lag_bound rounds wait for an evaluation, and so does training
+        if step.committed is not None:  # the workers keep only the last rounds' state
+            await step.committed.wait()
         waited = time.perf_counter() - full
         if waited > 0.01:
             log.info("round=%d waited %.2fs for the evaluator (at most %d rounds wait for an evaluation)",

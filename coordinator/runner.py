@@ -193,6 +193,8 @@ async def _rounds(
                 record["evaluation"] = {key: report.score_record(s) for key, s in evaluation.scores.items()}
                 final = evaluation.scores["global"] if record["round"] == settings.rounds else final
         _commit(federation.settings, federation, metrics, record, step)
+        if step.committed is not None:
+            step.committed.set()
         console.release(record["round"], evaluation.lines if evaluation is not None else [])
     with _writing(model_path, "free space, then --resume writes it from the last checkpoint"):
         checkpoint.write_model(model_path, federation.global_weights.state, federation.model, settings.rounds)

@@ -112,6 +112,14 @@ class Strategy(ABC):
     def aggregate(self, global_state: StateDict, contributions: Sequence[Contribution]) -> StateDict:
         """The next global model; never mutates its inputs."""
 
+    @property
+    def workers_keep_state(self) -> bool:
+        """Whether each worker keeps state from round to round on its disk (SCAFFOLD's
+        c_i, of the last rounds only): the synchronous driver then trains a round only
+        once the round before is checkpointed, so a resumed run never asks a worker to
+        run again a round whose earlier state it has pruned."""
+        return False
+
     def note(self) -> Dict[str, Any]:
         """What the last aggregate decided, for the round's record ({} when nothing)."""
         return {}

@@ -42,6 +42,10 @@ class Scaffold(Composite):
         self._recipe: Optional[TrainConfig] = None
 
     @property
+    def workers_keep_state(self) -> bool:
+        return True
+
+    @property
     def is_plain_fedavg(self) -> bool:
         return False
 

@@ -107,3 +107,34 @@ def test_rounds_waiting_for_an_evaluation_are_bounded_by_model_bytes() -> None:
     assert lag_bound(1_724_920) == 38  # mnist-cnn
     assert lag_bound(44_750_000) == 2  # resnet18: the round scored and the one after it
     assert lag_bound(0) >= 2
+
+
+class SeesTheCheckpoint(LocalWorker):
+    """Records, as each round's training starts, the round the checkpoint holds."""
+
+    seen: List[Tuple[int, int]]
+    folder: Path
+
+    async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float):  # type: ignore[no-untyped-def]
+        state = self.folder / "state.json"
+        self.seen.append((round_number, json.loads(state.read_text())["round"] if state.exists() else 0))
+        return await super().train(round_number, config, weights, timeout)
+
+
+def test_a_strategy_whose_workers_keep_state_trains_a_round_only_after_the_last_is_checkpointed(
+        tiny_mnist: Path, tmp_path: Path) -> None:
+    """SCAFFOLD's workers keep c_i of their last rounds only: a round trained before the
+    one before it is checkpointed could, after a crash, be asked again of a worker that
+    has pruned the c_i it needs."""
+    fleet, trainer, settings = fleet_and_settings(tiny_mnist, tmp_path, "--rounds", "3", "--eval-every", "1",
+                                                  "--strategy", "scaffold", "--min-workers", "2")
+    seen: List[Tuple[int, int]] = []
+    workers = {}
+    for name, worker in fleet.workers.items():
+        workers[name] = SeesTheCheckpoint(name, worker._trainer, worker.data)
+        workers[name].seen, workers[name].folder = seen, tmp_path / "run" / "checkpoint"
+    try:
+        asyncio.run(asyncio.wait_for(run(settings, say=lambda line: None, fleet=Fleet(workers, fleet.evaluator)), 120))
+    finally:
+        trainer.close()
+    assert sorted(set(seen)) == [(1, 0), (2, 1), (3, 2)]
