@@ -50,7 +50,11 @@ class CoordinatorStatusService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchStatusResponse]:
         seen = self._board.version
-        yield pb.WatchStatusResponse(status=status_message(self._board))
-        while self._board.state not in (FINISHED, FAILED):
-            seen = await self._board.wait_change(seen)
+        while True:
+            # Decided with the message, not after sending it: the run may end while a
+            # message is on its way, and the watcher must still get the final state.
+            final = self._board.state in (FINISHED, FAILED)
             yield pb.WatchStatusResponse(status=status_message(self._board))
+            if final:
+                return
+            seen = await self._board.wait_change(seen)
