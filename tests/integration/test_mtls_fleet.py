@@ -115,6 +115,9 @@ def test_grpcurl_recipe_with_a_federation_certificate(secure_fleet, grpcurl):
     assert plain.returncode != 0
 
 
+# 25 s, left to make test-all: the status service serves with the same TlsFiles as every
+# service, whose mutual TLS the tests above check in make test.
+@pytest.mark.slow
 def test_status_service_speaks_mutual_tls(secure_fleet, grpcurl, tmp_path):
     """With TLS on, GetStatus answers a federation certificate mid-run and refuses a
     plaintext client and a client certificate from another CA."""
