@@ -125,7 +125,7 @@ class Federation:
         self._weights: Optional[Weights] = None
         # The first weights when they do not come from a worker: a checkpoint or a file.
         self._start: Optional[Start] = None
-        credentials = settings.tls.channel_credentials() if settings.tls else None
+        credentials = settings.channel_credentials()
         if credentials is None and fleet is None:
             tls.warn_plaintext(log, "the coordinator's calls to the fleet")
         self._credentials, self._metadata = credentials, bearer_metadata(settings.token)

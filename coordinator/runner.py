@@ -74,8 +74,8 @@ async def run(
     looks up --workers-dns (the system's resolver by default)."""
     dns = None
     if settings.workers_dns is not None and fleet is None:
-        dns = WorkerDns(settings.workers_dns, grpc_probe(settings.chunk_bytes, _credentials(settings), settings.token),
-                        resolve)
+        probe = grpc_probe(settings.chunk_bytes, settings.channel_credentials(), settings.token)
+        dns = WorkerDns(settings.workers_dns, probe, resolve)
         settings = await _named_by_dns(settings, dns, say)
     board = RunBoard.for_workers(settings.rounds, str(settings.out_dir), settings.workers)
     telemetry = telemetry or RunTelemetry()
@@ -83,10 +83,6 @@ async def run(
         return await _run(settings, board, say, telemetry, fleet, dns)
     async with Progress(board) as progress:
         return await _run(settings, board, progress.say, telemetry, fleet, dns)
-
-
-def _credentials(settings: RunSettings) -> Any:
-    return settings.tls.channel_credentials() if settings.tls else None
 
 
 async def _named_by_dns(settings: RunSettings, dns: WorkerDns, say: Say) -> RunSettings:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+import grpc
+
 from coordinator.discovery import parse_target
 from coordinator.strategies.registry import StrategySpec
 from jetfed import stream
@@ -93,6 +95,10 @@ class RunSettings:
     def quorum(self) -> int:
         """Updates a round needs; by default a majority of the workers asked."""
         return self.min_workers if self.min_workers is not None else self.per_round // 2 + 1
+
+    def channel_credentials(self) -> Optional[grpc.ChannelCredentials]:
+        """What the coordinator's calls to the fleet (and DNS discovery's probes) use."""
+        return self.tls.channel_credentials() if self.tls else None
 
     def validated(self) -> "RunSettings":
         """Every field against what it must mean and what the wire and the status
