@@ -16,6 +16,8 @@ MAX_EPOCHS = 1000
 # FedProx's mu is a weight beside a loss near 1: the paper tries 0.001..1; beyond 1000
 # the term would swamp any task loss and the round could only stand still.
 MAX_PROXIMAL_MU = 1000.0
+# DP-SGD's noise multiplier sigma: 0.5..10 in practice; beyond 1000 no model learns.
+MAX_NOISE_MULTIPLIER = 1000.0
 # A worker's bound on the examples one Train may ask it to process (epochs x examples
 # per epoch): a valid config can still ask for days of work (1000 epochs of batch size
 # 1). The reference recipe needs 320; the default allows about 40 passes over a board's
@@ -35,7 +37,13 @@ class TrainConfig:
     `scaffold` asks for SCAFFOLD's corrected local steps (Karimireddy et al. 2020,
     option II; jetfed.scaffold): the Train weights then carry the server's control
     variate beside the model, and the worker keeps its own between rounds. The
-    correction and the control update assume plain SGD steps, so it needs "sgd"."""
+    correction and the control update assume plain SGD steps, so it needs "sgd".
+
+    `noise_multiplier` > 0 asks for record-level DP-SGD (jetfed.privacy): Poisson
+    sampling, each example's gradient clipped to `max_grad_norm`, Gaussian noise of
+    sigma * max_grad_norm; the worker accounts (epsilon, `dp_delta`) per run and
+    refuses a round that would take it over `epsilon_budget` (0: no budget). All four
+    at 0 is plain training."""
 
     optimizer: str = "sgd"
     loss: str = "nll"
@@ -47,6 +55,15 @@ class TrainConfig:
     seed: int = 0
     proximal_mu: float = 0.0
     scaffold: bool = False
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 0.0
+    dp_delta: float = 0.0
+    epsilon_budget: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """Whether rounds of this config train with DP-SGD."""
+        return self.noise_multiplier > 0
 
     def validated(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -74,7 +91,28 @@ class TrainConfig:
                 f"scaffold: needs optimizer 'sgd', not {self.optimizer!r}: SCAFFOLD's correction and control "
                 "update assume plain SGD steps; set optimizer = \"sgd\" or scaffold = false"
             )
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        for name in ("noise_multiplier", "max_grad_norm", "dp_delta", "epsilon_budget"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidConfig(f"{name}: {value} must be a finite number >= 0 (0 = no differential privacy)")
+        if self.noise_multiplier > MAX_NOISE_MULTIPLIER:
+            raise InvalidConfig(f"noise_multiplier: {self.noise_multiplier} must be at most {MAX_NOISE_MULTIPLIER:g}")
+        if not self.private:
+            for name in ("max_grad_norm", "dp_delta", "epsilon_budget"):
+                if getattr(self, name):
+                    raise InvalidConfig(f"{name}: {getattr(self, name)} needs noise_multiplier > 0 (DP-SGD); "
+                                        f"set noise_multiplier, or {name} = 0")
+            return
+        if self.max_grad_norm <= 0:
+            raise InvalidConfig(f"max_grad_norm: DP-SGD (noise_multiplier {self.noise_multiplier}) needs a per-example "
+                                "clipping bound > 0, e.g. 1.0")
+        if not 0 < self.dp_delta < 1:
+            raise InvalidConfig(f"dp_delta: {self.dp_delta} must be in (0, 1) with DP-SGD, e.g. 1e-5 (below "
+                                "1 / the examples a worker holds)")
 
     def examples_per_round(self, dataset_size: int) -> int:
         """Examples one round of this config processes over `dataset_size` examples:

@@ -70,6 +70,10 @@ def config_to_proto(config: TrainConfig) -> training_pb2.TrainConfig:
         seed=config.seed,
         proximal_mu=config.proximal_mu,
         scaffold=config.scaffold,
+        noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        dp_delta=config.dp_delta,
+        epsilon_budget=config.epsilon_budget,
     )
 
 
@@ -88,6 +92,10 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
         seed=message.seed,
         proximal_mu=message.proximal_mu,
         scaffold=message.scaffold,
+        noise_multiplier=message.noise_multiplier,
+        max_grad_norm=message.max_grad_norm,
+        dp_delta=message.dp_delta,
+        epsilon_budget=message.epsilon_budget,
     ).validated()
 
 
