@@ -73,6 +73,15 @@ class Manifest:
     total_bytes: int
     sha256: str
     format: str = FORMAT
+    # What the payload holds (jetfed.compression): "full" weights, or a "delta" from
+    # the weights whose payload's SHA-256 is `base_sha256` (of round `base_round`);
+    # its F32 tensors encoded as `encoding` says ("raw", "fp16", "bf16", "int8",
+    # "int8-channel", "topk" keeping `topk_fraction` of each tensor).
+    content: str = "full"
+    encoding: str = "raw"
+    topk_fraction: float = 0.0
+    base_sha256: str = ""
+    base_round: int = 0
 
 
 def dtype_name(dtype: torch.dtype) -> str:

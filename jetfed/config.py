@@ -59,6 +59,10 @@ class TrainConfig:
     max_grad_norm: float = 0.0
     dp_delta: float = 0.0
     epsilon_budget: float = 0.0
+    # How the worker sends its result (jetfed.compression): "raw" is the full trained
+    # weights; fp16, bf16, int8, int8-channel or topk:<fraction> the difference from the
+    # weights it was sent, so encoded.
+    uplink_encoding: str = "raw"
 
     @property
     def private(self) -> bool:
@@ -92,6 +96,9 @@ class TrainConfig:
                 "update assume plain SGD steps; set optimizer = \"sgd\" or scaffold = false"
             )
         self._check_privacy()
+        from jetfed.compression import Encoding  # here: torch-free readers of this module need not load it
+
+        Encoding.parse(self.uplink_encoding)
         return self
 
     def _check_privacy(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
-from jetfed import stream
+from jetfed import compression, stream
 from jetfed.codec import Manifest, TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.errors import BadStream, JetfedError, StreamStalled
@@ -24,6 +24,32 @@ MAX_MANIFEST_TENSORS = 4096
 
 _OPTIMIZERS = {"sgd": training_pb2.OPTIMIZER_SGD, "adam": training_pb2.OPTIMIZER_ADAM}
 _LOSSES = {"nll": training_pb2.LOSS_NLL}
+_ENCODINGS = {
+    compression.RAW: weights_pb2.ENCODING_RAW, compression.FP16: weights_pb2.ENCODING_FP16,
+    compression.BF16: weights_pb2.ENCODING_BF16, compression.INT8: weights_pb2.ENCODING_INT8,
+    compression.INT8_CHANNEL: weights_pb2.ENCODING_INT8_CHANNEL, compression.TOPK: weights_pb2.ENCODING_TOPK,
+}
+_ENCODING_NAMES = {value: name for name, value in _ENCODINGS.items()}
+_ENCODING_NAMES[weights_pb2.ENCODING_UNSPECIFIED] = compression.RAW
+_CONTENTS = {compression.FULL: weights_pb2.PAYLOAD_CONTENT_FULL, compression.DELTA: weights_pb2.PAYLOAD_CONTENT_DELTA}
+_CONTENT_NAMES = {value: name for name, value in _CONTENTS.items()}
+_CONTENT_NAMES[weights_pb2.PAYLOAD_CONTENT_UNSPECIFIED] = compression.FULL
+
+
+def encoding_to_proto(encoding: compression.Encoding) -> weights_pb2.WeightEncoding:
+    return weights_pb2.WeightEncoding(kind=_ENCODINGS[encoding.kind], topk_fraction=encoding.fraction)
+
+
+def encoding_from_proto(message: weights_pb2.WeightEncoding, field: str) -> compression.Encoding:
+    """An encoding this peer knows, else UnknownEncoding (FAILED_PRECONDITION) naming
+    the field and the value: a newer peer's encoding is refused, never misread."""
+    kind = _ENCODING_NAMES.get(message.kind)
+    if kind is None:
+        raise compression.UnknownEncoding(
+            f"{field}.kind: encoding {message.kind} is not one this peer knows ({', '.join(compression.KINDS)}); "
+            "upgrade it, or ask for one of those"
+        )
+    return compression.Encoding(kind, message.topk_fraction).validated(field)
 
 
 def manifest_to_proto(manifest: Manifest) -> weights_pb2.WeightManifest:
@@ -36,6 +62,10 @@ def manifest_to_proto(manifest: Manifest) -> weights_pb2.WeightManifest:
         ],
         total_bytes=manifest.total_bytes,
         sha256=manifest.sha256,
+        content=_CONTENTS[manifest.content],
+        encoding=weights_pb2.WeightEncoding(kind=_ENCODINGS[manifest.encoding], topk_fraction=manifest.topk_fraction),
+        base_sha256=manifest.base_sha256,
+        base_round=manifest.base_round,
     )
 
 
@@ -44,6 +74,7 @@ def manifest_from_proto(message: weights_pb2.WeightManifest) -> Manifest:
         raise BadStream(
             f"manifest.tensors: {len(message.tensors)} listed, more than the {MAX_MANIFEST_TENSORS} a manifest may hold"
         )
+    encoding = encoding_from_proto(message.encoding, "manifest.encoding")
     return Manifest(
         model=message.model,
         format=message.format,
@@ -55,7 +86,21 @@ def manifest_from_proto(message: weights_pb2.WeightManifest) -> Manifest:
         ),
         total_bytes=message.total_bytes,
         sha256=message.sha256,
+        content=_content_from_proto(message.content),
+        encoding=encoding.kind,
+        topk_fraction=encoding.fraction,
+        base_sha256=message.base_sha256,
+        base_round=message.base_round,
     )
+
+
+def _content_from_proto(value: int) -> str:
+    content = _CONTENT_NAMES.get(value)
+    if content is None:
+        raise compression.UnknownEncoding(
+            f"manifest.content: payload content {value} is not one this peer knows (full, delta); upgrade it"
+        )
+    return content
 
 
 def config_to_proto(config: TrainConfig) -> training_pb2.TrainConfig:
@@ -74,6 +119,7 @@ def config_to_proto(config: TrainConfig) -> training_pb2.TrainConfig:
         max_grad_norm=config.max_grad_norm,
         dp_delta=config.dp_delta,
         epsilon_budget=config.epsilon_budget,
+        uplink_encoding=encoding_to_proto(compression.Encoding.parse(config.uplink_encoding)),
     )
 
 
@@ -96,6 +142,7 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
         max_grad_norm=message.max_grad_norm,
         dp_delta=message.dp_delta,
         epsilon_budget=message.epsilon_budget,
+        uplink_encoding=str(encoding_from_proto(message.uplink_encoding, "config.uplink_encoding")),
     ).validated()
 
 
@@ -190,9 +237,9 @@ async def _read_weight_stream(
             if kind != head_field:
                 raise BadStream(f"{head_field}: the first message must carry the {head_field}, got {kind}")
             head = getattr(message, head_field)
-            manifest = manifest_from_proto(head.manifest)
-            assembler = stream.PayloadAssembler(manifest.total_bytes, max_bytes)
             try:
+                manifest = manifest_from_proto(head.manifest)
+                assembler = stream.PayloadAssembler(manifest.total_bytes, max_bytes)
                 check_head(head, manifest)
             except JetfedError:
                 await _discard(messages)
