@@ -101,6 +101,10 @@ class TrainOutcome:
     # SCAFFOLD: this worker's next control variate c_i, from a loop given `controls`
     # (jetfed.training.train_round); None otherwise, and the worker then keeps none.
     client_control: Optional[Dict[str, torch.Tensor]] = None
+    # DP-SGD: whether the loop trained with it (jetfed.training.train_round does when
+    # config.noise_multiplier > 0). A worker asked for DP releases no result of a loop
+    # that says False: a custom loop that predates DP would train in the clear.
+    private: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,16 +176,21 @@ class Task(ABC):
     def train(
         self, model: nn.Module, data: Examples, config: TrainConfig, seed: int,
         stop: Optional[threading.Event] = None, controls: Optional["ControlVariates"] = None,
+        private_seed: Optional[int] = None,
     ) -> TrainOutcome:
         """One round of local training; see jetfed.training.train_round.
 
         `controls` comes with a SCAFFOLD round (config.scaffold): pass it on to
         train_round, which corrects each step and returns the next c_i. A task whose own
         loop has no `controls` parameter still works: its SCAFFOLD rounds train
-        uncorrected and the worker keeps no c_i for them (it says so in its log)."""
+        uncorrected and the worker keeps no c_i for them (it says so in its log).
+
+        `private_seed` seeds a DP-SGD round's sampling and noise (simulation only; a
+        board leaves it None: the operating system's entropy, see jetfed.privacy)."""
         from jetfed.training import train_round
 
-        return train_round(model, data, config, seed, stop, loss=self.loss, controls=controls)
+        return train_round(model, data, config, seed, stop, loss=self.loss, controls=controls,
+                           private_seed=private_seed)
 
     def evaluate(self, model: nn.Module, data: Examples, batch_size: int, limit: Optional[int] = None) -> Evaluation:
         """Loss, accuracy and per-class recall; see jetfed.training.evaluate."""
