@@ -9,7 +9,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from jetfed.data import LabeledImages
 from jetfed.errors import TrainingStopped
 from jetfed.scaffold import ControlVariates, Correction, control_names, next_client_control
 from jetfed.tasks.base import Evaluation, Examples, TensorExamples, TrainOutcome
+
+if TYPE_CHECKING:
+    from jetfed.privacy import PrivateGradients
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,7 +69,7 @@ class ProximalTerm:
 
 def train_round(
     model: nn.Module, data: Examples, config: TrainConfig, seed: int, stop: Optional[threading.Event] = None,
-    loss: Loss = F.nll_loss, controls: Optional[ControlVariates] = None,
+    loss: Loss = F.nll_loss, controls: Optional[ControlVariates] = None, private_seed: Optional[int] = None,
 ) -> TrainOutcome:
     """Train `model` in place on shuffled batches; a fresh optimizer every round, as the
     reference did, so no state leaks from one global model to the next.
@@ -83,7 +86,15 @@ def train_round(
     also takes the Correction, whose gradient is c - c_i; the optimizer steps K are
     counted, and the outcome carries this worker's next c_i (jetfed.scaffold's
     next_client_control from the model as loaded and as trained). Without, none of
-    it runs and `client_control` is None."""
+    it runs and `client_control` is None.
+
+    With `config.noise_multiplier` > 0 the round is DP-SGD (jetfed.privacy): as many
+    steps as the plain loop takes, each over a Poisson sample of the examples drawn
+    from a generator seeded by `private_seed` (None: the operating system's entropy),
+    each example's gradient of the task's loss clipped, the sum noised; the proximal
+    term and SCAFFOLD's correction, which read no example, add to that gradient as
+    they are. The outcome claims the examples the plain loop would (the Poisson
+    batches' expected total), so screening's bound holds."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     order_rng = torch.Generator().manual_seed(seed)
@@ -97,28 +108,70 @@ def train_round(
     model.train()
     loss_sum = torch.zeros((), device=data.device)
     examples = steps = 0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=order_rng)
-        slices = (order[b * config.batch_size:(b + 1) * config.batch_size] for b in range(batches))
-        for inputs, labels in data.batches(slices):
-            if stop is not None and stop.is_set():
-                raise TrainingStopped(f"training stopped after {examples} examples: nobody awaits the round")
-            optimizer.zero_grad()
-            batch_loss = loss(model(inputs), labels)
-            objective = batch_loss if proximal is None else batch_loss + proximal()
-            if correction is not None:
-                objective = objective + correction()
-            objective.backward()
-            optimizer.step()
-            steps += 1
-            loss_sum += batch_loss.detach() * len(labels)
-            examples += len(labels)
+    dp = None
+    if config.private:
+        from jetfed import privacy
+
+        generator = privacy.private_generator(private_seed)
+        dp = privacy.PrivateGradients(model, config, len(data), generator)
+    try:
+        for _ in range(config.epochs):
+            if dp is None:
+                order = torch.randperm(len(data), generator=order_rng)
+                slices = (order[b * config.batch_size:(b + 1) * config.batch_size] for b in range(batches))
+            else:
+                slices = privacy.poisson_batches(len(data), privacy.sample_rate(config, len(data)), batches, generator)
+            for inputs, labels in data.batches(slices):
+                if stop is not None and stop.is_set():
+                    raise TrainingStopped(f"training stopped after {examples} examples: nobody awaits the round")
+                optimizer.zero_grad()
+                if dp is None:
+                    batch_loss = loss(model(inputs), labels)
+                    objective = batch_loss if proximal is None else batch_loss + proximal()
+                    if correction is not None:
+                        objective = objective + correction()
+                    objective.backward()
+                else:
+                    batch_loss = _private_step(dp, loss, inputs, labels, proximal, correction)
+                optimizer.step()
+                steps += 1
+                loss_sum += batch_loss.detach() * len(labels)
+                examples += len(labels)
+    finally:
+        if dp is not None:
+            dp.close()
     mean_loss = float(loss_sum) / max(examples, 1)
+    if dp is not None:
+        examples = config.examples_per_round(len(data))
     state = model.state_dict()
     client_control = None
     if controls is not None:
         client_control = next_client_control(controls, start, state, steps, config.lr)
-    return TrainOutcome(state, examples, mean_loss, time.perf_counter() - started, client_control)
+    return TrainOutcome(state, examples, mean_loss, time.perf_counter() - started, client_control,
+                        private=dp is not None)
+
+
+def _private_step(
+    dp: "PrivateGradients", loss: Loss, inputs: torch.Tensor, labels: torch.Tensor,
+    proximal: Optional[ProximalTerm], correction: Optional[Correction],
+) -> torch.Tensor:
+    """One DP-SGD step's gradients in place: the clipped, noised gradient of the task's
+    loss, then those of the terms that read no example. An empty Poisson sample runs no
+    forward pass: its gradient is the noise alone. The batch's loss, for the record."""
+    if len(labels):
+        batch_loss = loss(dp.forward(inputs), labels)
+        batch_loss.backward()
+    else:
+        batch_loss = torch.zeros((), device=labels.device)
+    dp.privatize(len(labels))
+    extra = None
+    if proximal is not None:
+        extra = proximal()
+    if correction is not None:
+        extra = correction() if extra is None else extra + correction()
+    if extra is not None:
+        extra.backward()
+    return batch_loss
 
 
 def _floating_copy(model: nn.Module) -> Dict[str, torch.Tensor]:

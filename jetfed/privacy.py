@@ -1,0 +1,300 @@
+"""Differential privacy on the worker: record-level DP-SGD (Abadi et al. 2016, "Deep
+Learning with Differential Privacy") and the accountant that says what it has spent.
+
+A DP-SGD round (TrainConfig.noise_multiplier > 0) trains this way, step by step:
+
+- Poisson sampling: each of the worker's N examples joins the step's batch on its own
+  with probability q = batch_size / N (so batches vary in size, and may be empty);
+  that is the sampling the accountant's subsampled-Gaussian analysis assumes. The
+  draw, like the noise, comes from randomness the coordinator does not know (see
+  `private_generator`): a coordinator that knew the seed could subtract the noise;
+- each example's gradient (Opacus's GradSampleModule, per-sample gradients by hooks,
+  on torch 1.13 with opacus 1.4 as on torch 2) is clipped to L2 norm C =
+  max_grad_norm over all trained parameters together (`clipped_sum`);
+- the clipped gradients are summed, Gaussian noise N(0, (sigma C)^2) is added to
+  every coordinate (`add_noise`), and the sum is divided by the expected batch size
+  q N: the gradient the optimizer steps along.
+
+Terms of the loss that read no example (FedProx's proximal term, SCAFFOLD's
+correction) are added to that private gradient unclipped: they depend only on models
+the coordinator already has, so they cost no privacy.
+
+The accountant is Opacus's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019
+for the sampled Gaussian): a round of K steps adds (sigma, q, K) to the worker's
+ledger for the run, and its epsilon at delta is the ledger's. `Ledger` keeps it on the
+board's disk per run (worker --state-dir, as SCAFFOLD's c_i), written before the
+round's result leaves, so a restart does not forget what has been spent, and a round
+that would take it over the configured budget is refused before it trains.
+
+What it protects: any one training example's influence on everything the worker
+sends in the run, to (epsilon, delta). Not what the run leaks about a worker's data
+as a whole (user-level; see coordinator/strategies/central_dp.py), and every run
+spends its own budget: a board that joins many runs over the same data spends more.
+
+opacus is optional (requirements/privacy.txt): imported on first use, and a worker
+without it refuses DP rounds (FAILED_PRECONDITION naming what to install)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
+
+import grpc
+import torch
+from torch import nn
+
+from jetfed.config import TrainConfig
+from jetfed.durable import write_atomically
+from jetfed.errors import JetfedError, WorkerStateError
+from jetfed.status import echo
+
+log = logging.getLogger(__name__)
+# Opacus's hooks on a model's first layer, whose input needs no gradient: said once per
+# step by torch, and harmless (the per-example gradients need the layer's output only).
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                        "module outputs since no inputs require gradients")
+
+INSTALL = "pip install 'opacus>=1.4' (JetPack 5, torch 1.13: pip install 'opacus==1.4.*')"
+STATE_DIR_SETTING = "--state-dir"
+_KIND = "jetfed DP-SGD privacy ledger"
+
+
+class PrivacyUnavailable(JetfedError):
+    """A DP round asked of a worker without the library that computes per-example
+    gradients and the accountant."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PrivacyBudgetExhausted(JetfedError):
+    """A DP round that would take this worker's epsilon for the run over its budget.
+    RESOURCE_EXHAUSTED on the wire, its details beginning with MARKER, so a coordinator
+    tells it from the other refusals (a payload too large) without a status of its own."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    MARKER = "privacy budget"
+
+
+def _opacus() -> Any:
+    try:
+        import opacus  # noqa: F401
+        from opacus import GradSampleModule  # noqa: F401
+        from opacus.accountants import RDPAccountant  # noqa: F401
+    except ImportError as exc:
+        raise PrivacyUnavailable(f"config.noise_multiplier: DP-SGD needs opacus on this worker ({exc}); {INSTALL}") \
+            from None
+    return opacus
+
+
+def require_library() -> None:
+    """Refuse now, with what to install, rather than after the weights arrived."""
+    _opacus()
+
+
+# The arithmetic, on plain tensors (unit-tested without a model).
+
+
+def clipped_sum(per_example: Sequence[torch.Tensor], max_norm: float) -> List[torch.Tensor]:
+    """Each example's gradient (dimension 0 of every tensor indexes the batch) scaled
+    to L2 norm at most `max_norm`, its norm taken over all the tensors together, then
+    summed over the batch: one tensor per parameter. An example already within the
+    bound is left as it is."""
+    if not per_example or per_example[0].shape[0] == 0:
+        return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in per_example]
+    squares = torch.stack([g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1) for g in per_example]).sum(dim=0)
+    factor = (max_norm / (squares.sqrt() + 1e-12)).clamp(max=1.0)
+    return [torch.einsum("i,i...->...", factor.to(g.dtype), g) for g in per_example]
+
+
+def add_noise(summed: Sequence[torch.Tensor], noise_multiplier: float, max_norm: float,
+              generator: torch.Generator) -> List[torch.Tensor]:
+    """`summed` plus Gaussian noise of standard deviation noise_multiplier x max_norm on
+    every coordinate, drawn from `generator` (on the CPU, then moved: the same draw
+    whatever the device)."""
+    std = noise_multiplier * max_norm
+    return [g + torch.normal(0.0, std, size=g.shape, generator=generator, dtype=torch.float32).to(g.device, g.dtype)
+            for g in summed]
+
+
+def sample_rate(config: TrainConfig, dataset_size: int) -> float:
+    """q: the chance each example joins a step's batch."""
+    return min(1.0, config.batch_size / max(dataset_size, 1))
+
+
+def steps_per_round(config: TrainConfig, dataset_size: int) -> int:
+    """The steps a round takes, as the plain loop counts batches: max_batches per epoch,
+    or one pass's worth (ceil(N / batch_size)) when it is 0."""
+    per_epoch = math.ceil(dataset_size / config.batch_size)
+    if config.max_batches:
+        per_epoch = min(per_epoch, config.max_batches)
+    return per_epoch * config.epochs
+
+
+def poisson_batches(dataset_size: int, rate: float, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`steps` index tensors, each example in each with probability `rate`."""
+    for _ in range(steps):
+        yield (torch.rand(dataset_size, generator=generator) < rate).nonzero().flatten()
+
+
+def private_generator(seed: Optional[int]) -> torch.Generator:
+    """The generator of a round's sampling and noise: from the operating system's
+    entropy on a board (`seed` None), so nobody else can replay it; seeded only in
+    simulation, where the coordinator holds the data anyway and runs must replay."""
+    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+
+
+def private_seed(seed: int) -> int:
+    """A simulation's seed for the private generator, apart from the shuffling seed."""
+    return int.from_bytes(hashlib.sha256(f"dp/{seed}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class PrivateGradients:
+    """DP-SGD's gradient for one model: forward through it with `forward`, backward the
+    task's (mean-reduced) loss, then `privatize` replaces every trained parameter's
+    .grad with the clipped, noised mean over the expected batch size. `close` removes
+    the hooks, leaving the model as it was."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, dataset_size: int, generator: torch.Generator) -> None:
+        _opacus()
+        from opacus import GradSampleModule
+
+        self._wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._config = config
+        self._expected = sample_rate(config, dataset_size) * dataset_size
+        self._generator = generator
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._wrapped(inputs)
+
+    def privatize(self, examples: int) -> None:
+        """The step's gradient from the per-example ones the backward pass left (none
+        when the Poisson sample was empty: then the noise alone)."""
+        config = self._config
+        if examples:
+            per_example = [p.grad_sample for p in self._params]
+        else:
+            per_example = [torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for p in self._params]
+        noisy = add_noise(clipped_sum(per_example, config.max_grad_norm), config.noise_multiplier,
+                          config.max_grad_norm, self._generator)
+        for p, g in zip(self._params, noisy):
+            p.grad = (g / self._expected).to(p.dtype)
+            p.grad_sample = None
+
+    def close(self) -> None:
+        self._wrapped._close()
+
+
+# The accountant.
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One round's part of the ledger: `steps` steps of the sampled Gaussian mechanism
+    with `noise_multiplier` at sampling rate `sample_rate`."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def epsilon_of(spends: Iterable[Spend], delta: float) -> float:
+    """The epsilon at `delta` that the RDP accountant gives for all of `spends`
+    composed; 0 when there are none."""
+    history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in spends if s.steps]
+    if not history:
+        return 0.0
+    _opacus()
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = history
+    return float(accountant.get_epsilon(delta))
+
+
+def round_spend(round_number: int, config: TrainConfig, dataset_size: int) -> Spend:
+    return Spend(round_number, config.noise_multiplier, sample_rate(config, dataset_size),
+                 steps_per_round(config, dataset_size))
+
+
+class Ledger:
+    """What this worker has spent, per run, in `folder` (created 0700 on first use): one
+    JSON file per run (never pickled), written atomically. Every round trained counts,
+    a round run again after its coordinator resumed included: its first result may
+    have left already. A file of another run is left alone (the budget is per run)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, run_id: str) -> Path:
+        return self.folder / f"privacy-{hashlib.sha256(run_id.encode('utf-8')).hexdigest()[:16]}.json"
+
+    def spends(self, run_id: str) -> List[Spend]:
+        path = self._path(run_id)
+        if not path.is_file():
+            return []
+        fix = f"it records the privacy this worker has spent for run {echo(run_id)!r}; restore it, or delete it " \
+              "only if no result of that run left this board"
+        try:
+            data = json.loads(path.read_text())
+            if data.get("kind") != _KIND or data.get("run_id") != run_id:
+                raise ValueError(f"it says kind {echo(str(data.get('kind')))!r}, run {echo(str(data.get('run_id')))!r}")
+            spends = [Spend(int(s["round"]), float(s["noise_multiplier"]), float(s["sample_rate"]), int(s["steps"]))
+                      for s in data["spends"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise WorkerStateError(f"{STATE_DIR_SETTING}: {path} cannot be read as a privacy ledger ({exc}); {fix}") \
+                from None
+        for spend in spends:
+            if not (math.isfinite(spend.noise_multiplier) and spend.noise_multiplier > 0
+                    and 0 < spend.sample_rate <= 1 and spend.steps >= 0):
+                raise WorkerStateError(f"{STATE_DIR_SETTING}: {path} holds an impossible entry {spend}; {fix}")
+        return spends
+
+    def epsilon(self, run_id: str, delta: float) -> float:
+        return epsilon_of(self.spends(run_id), delta)
+
+    def check_budget(self, run_id: str, spend: Spend, config: TrainConfig) -> float:
+        """The epsilon after `spend`; refuse (PrivacyBudgetExhausted) when it is over
+        the config's budget, before anything is spent."""
+        spent = self.spends(run_id)
+        after = epsilon_of([*spent, spend], config.dp_delta)
+        if config.epsilon_budget and after > config.epsilon_budget:
+            before = epsilon_of(spent, config.dp_delta)
+            raise PrivacyBudgetExhausted(
+                f"{PrivacyBudgetExhausted.MARKER} spent: round {spend.round} would take this worker's epsilon for "
+                f"run {echo(run_id)!r} from {before:.3f} to {after:.3f} at delta {config.dp_delta:g}, over "
+                f"epsilon_budget {config.epsilon_budget:g}; it trains no more rounds of this run")
+        return after
+
+    def record(self, run_id: str, spend: Spend) -> List[Spend]:
+        """Add `spend` to the run's ledger, durably; the ledger as it now stands."""
+        spends = [*self.spends(run_id), spend]
+        data = {"kind": _KIND, "run_id": run_id,
+                "spends": [{"round": s.round, "noise_multiplier": s.noise_multiplier, "sample_rate": s.sample_rate,
+                            "steps": s.steps} for s in spends]}
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(self._path(run_id), json.dumps(data, indent=1).encode())
+        except OSError as exc:
+            raise WorkerStateError(f"{STATE_DIR_SETTING}: cannot keep the privacy ledger in {self.folder}: {exc}; "
+                                   f"give {STATE_DIR_SETTING} a folder this user may write") from None
+        return spends
+
+
+def describe(config: TrainConfig) -> str:
+    return (f"DP-SGD noise_multiplier={config.noise_multiplier:g} max_grad_norm={config.max_grad_norm:g} "
+            f"delta={config.dp_delta:g} epsilon_budget={config.epsilon_budget:g}")
+
+
+def refused_for_budget(reason: str) -> bool:
+    """Whether a failure, as coordinator.failures.describe_failure wrote it, is a
+    worker's refusal because its privacy budget for the run is spent."""
+    return reason.startswith(f"{PrivacyBudgetExhausted.code.name}: ") and PrivacyBudgetExhausted.MARKER in reason

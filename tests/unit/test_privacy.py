@@ -1,0 +1,189 @@
+"""DP-SGD's arithmetic and the worker's privacy ledger (jetfed.privacy)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from jetfed import privacy, wire
+from jetfed.config import TrainConfig
+from jetfed.errors import InvalidConfig, WorkerStateError
+from jetfed.privacy import Ledger, PrivacyBudgetExhausted, Spend
+from jetfed.tasks.base import TensorExamples
+from jetfed.training import train_round
+
+DP = dict(noise_multiplier=1.0, max_grad_norm=0.5, dp_delta=1e-5)
+
+
+class Tiny(nn.Module):
+    """A convolution and a linear layer, as mnist-cnn has, on 8x8 images: fast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc(F.relu(self.conv(x)).flatten(1)), dim=1)
+
+
+def examples(n: int = 64, seed: int = 0) -> TensorExamples:
+    generator = torch.Generator().manual_seed(seed)
+    return TensorExamples(torch.randn(n, 1, 8, 8, generator=generator) * 5,
+                          torch.randint(0, 10, (n,), generator=generator), torch.device("cpu"))
+
+
+def per_example_norms(grads: list) -> torch.Tensor:
+    return torch.stack([g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+
+
+def test_per_example_gradients_are_each_examples_own_and_clipping_bounds_every_one() -> None:
+    torch.manual_seed(0)
+    model, data = Tiny(), examples(16)
+    config = TrainConfig(batch_size=16, noise_multiplier=1e-9, max_grad_norm=0.5, dp_delta=1e-5).validated()
+    dp = privacy.PrivateGradients(model, config, len(data), torch.Generator().manual_seed(1))
+    try:
+        F.nll_loss(dp.forward(data.inputs), data.labels).backward()
+        params = [p for p in model.parameters()]
+        per_example = [p.grad_sample.clone() for p in params]
+        # Each is the gradient of that example's loss alone.
+        for i in (0, 7):
+            alone = Tiny()
+            alone.load_state_dict(model.state_dict())
+            F.nll_loss(alone(data.inputs[i:i + 1]), data.labels[i:i + 1]).backward()
+            for g, p in zip(per_example, alone.parameters()):
+                torch.testing.assert_close(g[i], p.grad, rtol=1e-4, atol=1e-6)
+        norms = per_example_norms(per_example)
+        assert (norms > 2 * config.max_grad_norm).all(), "the test needs gradients over the bound"
+        for i in range(len(data)):
+            clipped = privacy.clipped_sum([g[i:i + 1] for g in per_example], config.max_grad_norm)
+            assert float(per_example_norms([c.unsqueeze(0) for c in clipped])) <= config.max_grad_norm * (1 + 1e-6)
+        dp.privatize(len(data))
+        # The step's gradient: the clipped sum (noise ~0 here) over the expected batch.
+        step = torch.cat([p.grad.flatten() for p in params]).double() * len(data)
+        expected = torch.cat([c.flatten() for c in privacy.clipped_sum(per_example, config.max_grad_norm)]).double()
+        torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-6)
+        assert float(step.norm()) <= len(data) * config.max_grad_norm * (1 + 1e-6)
+    finally:
+        dp.close()
+
+
+def test_an_example_within_the_bound_is_left_as_it_is() -> None:
+    g = [torch.tensor([[0.3, 0.4]]), torch.tensor([[0.0]])]  # norm 0.5
+    out = privacy.clipped_sum(g, 1.0)
+    torch.testing.assert_close(out[0], torch.tensor([0.3, 0.4]))
+
+
+def test_noise_has_the_stated_standard_deviation() -> None:
+    sigma, clip, n = 1.3, 0.7, 400_000
+    noised = privacy.add_noise([torch.zeros(n)], sigma, clip, torch.Generator().manual_seed(7))[0].double()
+    # The sample std's standard error is std / sqrt(2n) = 0.0014 here: 1% is over 6 of them,
+    # and the nearest wrong answers (sigma alone 1.3, the clip alone 0.7) are far outside.
+    assert abs(float(noised.std()) - sigma * clip) < 0.01 * sigma * clip
+    assert abs(float(noised.mean())) < 5 * sigma * clip / math.sqrt(n)
+
+
+def test_the_accountant_gives_the_librarys_published_value() -> None:
+    # Opacus's own test (accountants_test.py): sigma 1.5, q 0.04, 90 epochs, delta 1e-5.
+    assert privacy.epsilon_of([Spend(1, 1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.32911117143, abs=1e-6)
+    # Rounds compose as one run of their steps.
+    rounds = [Spend(r, 1.5, 0.04, 250) for r in range(1, 10)]
+    assert privacy.epsilon_of(rounds, 1e-5) == pytest.approx(7.32911117143, abs=1e-6)
+    assert privacy.epsilon_of([], 1e-5) == 0.0
+
+
+def test_a_round_over_the_budget_is_refused_before_anything_is_spent(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    config = TrainConfig(batch_size=64, max_batches=100, epsilon_budget=1.5, **DP).validated()
+    spend = privacy.round_spend(1, config, 6400)
+    assert spend == Spend(1, 1.0, 0.01, 100)
+    rounds = 0
+    with pytest.raises(PrivacyBudgetExhausted) as refused:
+        while True:
+            after = ledger.check_budget("run-a", privacy.round_spend(rounds + 1, config, 6400), config)
+            assert after <= 1.5
+            ledger.record("run-a", privacy.round_spend(rounds + 1, config, 6400))
+            rounds += 1
+            assert rounds < 100
+    assert rounds == 3  # epsilon 1.21, 1.34, 1.45; a fourth round would take it to 1.55
+    assert ledger.epsilon("run-a", 1e-5) <= 1.5 < privacy.epsilon_of([*ledger.spends("run-a"), spend], 1e-5)
+    assert len(ledger.spends("run-a")) == rounds  # the refused round spent nothing
+    assert refused.value.code.name == "RESOURCE_EXHAUSTED"
+    assert privacy.refused_for_budget(f"RESOURCE_EXHAUSTED: {refused.value}")
+    assert "epsilon_budget 1.5" in str(refused.value)
+    # Another run has its own budget.
+    ledger.check_budget("run-b", spend, config)
+
+
+def test_the_ledger_survives_a_restart_and_refuses_a_damaged_file(tmp_path: Path) -> None:
+    Ledger(tmp_path).record("run", Spend(1, 1.1, 0.01, 10))
+    Ledger(tmp_path).record("run", Spend(2, 1.1, 0.01, 10))
+    again = Ledger(tmp_path)  # a restarted worker
+    assert again.spends("run") == [Spend(1, 1.1, 0.01, 10), Spend(2, 1.1, 0.01, 10)]
+    assert again.epsilon("run", 1e-5) == pytest.approx(privacy.epsilon_of([Spend(0, 1.1, 0.01, 20)], 1e-5))
+    path = next(tmp_path.glob("privacy-*.json"))
+    path.write_text(path.read_text().replace('"steps": 10', '"steps": -3', 1))
+    with pytest.raises(WorkerStateError, match="impossible entry"):
+        again.spends("run")
+    path.write_text("{not json")
+    with pytest.raises(WorkerStateError, match="cannot be read as a privacy ledger"):
+        again.spends("run")
+
+
+@pytest.mark.parametrize("field,value", [("noise_multiplier", -1.0), ("noise_multiplier", math.nan),
+                                         ("max_grad_norm", math.inf), ("dp_delta", -1e-5),
+                                         ("epsilon_budget", math.nan)])
+def test_impossible_values_are_refused_naming_the_field(field: str, value: float) -> None:
+    message = wire.config_to_proto(TrainConfig(**DP))
+    setattr(message, field, value)
+    with pytest.raises(InvalidConfig, match=f"^{field}: "):
+        wire.config_from_proto(message)
+
+
+def test_dp_fields_need_noise_and_a_bound_and_a_delta() -> None:
+    with pytest.raises(InvalidConfig, match="^max_grad_norm: .* needs noise_multiplier"):
+        TrainConfig(max_grad_norm=1.0).validated()
+    with pytest.raises(InvalidConfig, match="^max_grad_norm: DP-SGD"):
+        TrainConfig(noise_multiplier=1.0, dp_delta=1e-5).validated()
+    with pytest.raises(InvalidConfig, match="^dp_delta: "):
+        TrainConfig(noise_multiplier=1.0, max_grad_norm=1.0, dp_delta=1.0).validated()
+    assert wire.config_from_proto(wire.config_to_proto(TrainConfig(**DP))) == TrainConfig(**DP)
+    assert not TrainConfig().private
+
+
+def test_a_private_round_replays_by_its_seed_and_claims_the_plain_loops_examples() -> None:
+    data = examples(100)
+    config = TrainConfig(batch_size=10, max_batches=4, **DP).validated()
+
+    def run(private_seed: int) -> dict:
+        torch.manual_seed(0)
+        model = Tiny()
+        outcome = train_round(model, data, config, seed=3, private_seed=private_seed)
+        assert outcome.private and outcome.num_examples == 40
+        return outcome.state
+
+    first, again, other = run(5), run(5), run(6)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+    torch.manual_seed(0)
+    plain = train_round(Tiny(), data, TrainConfig(batch_size=10, max_batches=4), seed=3)
+    assert not plain.private
+
+
+def test_poisson_batches_sample_each_example_at_the_rate() -> None:
+    sizes = [len(b) for b in privacy.poisson_batches(1000, 0.05, 400, torch.Generator().manual_seed(0))]
+    assert abs(sum(sizes) / len(sizes) - 50) < 1.5  # std of the mean: sqrt(47.5 / 400) = 0.34
+    assert len(set(sizes)) > 5
+
+
+def test_a_worker_without_opacus_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opacus", None)  # what an import of a missing package does
+    with pytest.raises(privacy.PrivacyUnavailable, match="pip install 'opacus") as refused:
+        privacy.require_library()
+    assert refused.value.code.name == "FAILED_PRECONDITION"
