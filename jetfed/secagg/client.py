@@ -68,12 +68,12 @@ class SecAggClient:
         if me is None or (me.epoch, me.channel_public, me.mask_public) != (
                 self.epoch, self._channel.public, self._mask.public):
             raise ProtocolViolation("secagg: roster does not hold this worker's own keys")
-        if self._roster is not None and (roster.threshold != self._roster.threshold
-                                         or self._members[self.worker].index != me.index):
-            raise ProtocolViolation("secagg: roster changes the threshold or this worker's index mid-run")
         if not len(members) // 2 + 1 <= roster.threshold <= len(members) - 1:
             raise ProtocolViolation(f"secagg: threshold {roster.threshold} must exceed half of the "
                                     f"{len(members)} members and leave one to drop")
+        if self._roster is not None and (roster.threshold != self._roster.threshold
+                                         or self._members[self.worker].index != me.index):
+            raise ProtocolViolation("secagg: roster changes the threshold or this worker's index mid-run")
         self._roster, self._members = roster, members
 
     def share_keys(self) -> KeyShares:

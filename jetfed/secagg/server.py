@@ -62,6 +62,7 @@ class SecAggServer:
         self._burned: Set[str] = set()
         self._last_round = 0
         self._round: Optional[_Round] = None
+        self._roster_issued = False
 
     # setup ------------------------------------------------------------------------------
     def receive_advertisement(self, advert: KeyAdvertisement) -> None:
@@ -73,6 +74,10 @@ class SecAggServer:
         if old is not None and advert.epoch <= old.epoch:
             raise ProtocolViolation(f"secagg: {advert.worker!r} advertised epoch {advert.epoch}, not after "
                                     f"its epoch {old.epoch}")
+        if old is None and self._roster_issued and self.threshold <= (len(self._members) + 1) // 2:
+            raise SecAggConfigError(f"secagg: {advert.worker!r} cannot join: threshold {self.threshold} would no "
+                                    f"longer exceed half of {len(self._members) + 1} members; start the run with "
+                                    "a higher secagg threshold to admit more workers")
         if advert.worker not in self._indices:
             self._indices[advert.worker] = self._next_index
             self._next_index += 1
@@ -87,6 +92,7 @@ class SecAggServer:
         if not len(self._members) // 2 + 1 <= self.threshold <= len(self._members) - 1:
             raise SecAggConfigError(f"secagg threshold: {self.threshold} must exceed half of the "
                                     f"{len(self._members)} members and be at most {len(self._members) - 1}")
+        self._roster_issued = True
         return Roster(run_id=self.run_id, threshold=self.threshold,
                       members=tuple(sorted(self._members.values(), key=lambda m: m.index)))
 
@@ -257,6 +263,13 @@ class SecAggServer:
         values = self.fixed_point.decode_sum(total, len(current.survivors))
         return Aggregate(round_number=round_number, total=total, values=values, survivors=current.survivors,
                          dropped=current.dropped)
+
+    def abandon(self, round_number: int) -> None:
+        """Give up a round the driver failed for its own reasons (deadline, too few
+        trainers). Before unmasking nothing was revealed; after it, the dropped stay
+        burned, since their key shares may have been opened."""
+        self._current(round_number, "abandon")
+        self._round = None
 
     def members(self) -> Tuple[str, ...]:
         """Workers that finished setup for their current epoch and are not burned."""
