@@ -13,13 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from coordinator.strategies import aggregate, server_opt
+from coordinator.strategies import aggregate, central_dp, server_opt
 from coordinator.strategies.base import Composite
 from coordinator.strategies.scaffold import Scaffold
 from jetfed.errors import InvalidConfig
 
 DEFAULT_STRATEGY = "fedavg"
-AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "centered-clip")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "centered-clip", "dp-mean")
 OPTIMIZERS = ("plain", "momentum", "adam", "yogi", "adagrad")
 
 
@@ -67,6 +67,15 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
     Param("m", int, "updates multi-krum averages (0: n - f)", 0, 1_000_000),
     Param("clip_radius", float, "centered-clip radius tau (0: the median distance each round)", 0.0, 1e12),
     Param("iterations", int, "centered-clip iterations", 1, 100),
+    Param("dp_noise", float, "central DP: noise multiplier z of the clipped sum (dp-mean)", 0.0, 1000.0),
+    Param("dp_clip", float, "central DP: each update's delta clipped to this L2 norm (the start, with dp_quantile) "
+          "(dp-mean)", 1e-9, 1e9),
+    Param("dp_delta", float, "central DP: the delta epsilon is reported at (dp-mean)", 0.0, 1.0),
+    Param("dp_quantile", float, "central DP: adaptive clipping toward this quantile of the update norms, Andrew et "
+          "al. 2021 (0: fixed clipping at dp_clip) (dp-mean)", 0.0, 1.0),
+    Param("dp_clip_lr", float, "central DP: adaptive clipping's geometric step eta (dp-mean)", 0.0, 10.0),
+    Param("dp_quantile_noise", float, "central DP: noise on the count of unclipped updates, sigma_b (0: the "
+          "expected updates / 20) (dp-mean)", 0.0, 1e6),
     Param("mu", float, "FedProx proximal term mu sent to workers (0: off)", 0.0, 1000.0),
     Param("sample", int, "workers drawn per round, seeded by --seed and the round (0: all)", 0, 1_000_000),
     Param("buffer_size", int, "updates per server step (asynchronous)", 1, 1_000_000),
@@ -93,7 +102,8 @@ class Preset:
 
 # The parameters each part reads, besides `aggregator` and `server_optimizer` themselves.
 _AGGREGATOR_PARAMS = {"mean": (), "median": ("f",), "trimmed-mean": ("f",), "krum": ("f",),
-                      "multi-krum": ("f", "m"), "centered-clip": ("f", "clip_radius", "iterations")}
+                      "multi-krum": ("f", "m"), "centered-clip": ("f", "clip_radius", "iterations"),
+                      "dp-mean": ("dp_noise", "dp_clip", "dp_delta", "dp_quantile", "dp_clip_lr", "dp_quantile_noise")}
 _OPTIMIZER_PARAMS = {"plain": ("server_lr",), "momentum": ("server_lr", "momentum", "nesterov"),
                      "adam": ("server_lr", "beta1", "beta2", "tau"), "yogi": ("server_lr", "beta1", "beta2", "tau"),
                      "adagrad": ("server_lr", "beta1", "tau")}
@@ -104,7 +114,8 @@ _ASYNC = ("buffer_size", "max_staleness", "staleness_exponent", "balance")
 # value that behaves as before it existed (resume fills old checkpoints with it).
 BASE = {"aggregator": "mean", "server_optimizer": "plain", "server_lr": 1.0, "momentum": 0.0, "nesterov": 0, "beta1": 0.9,
          "beta2": 0.99, "tau": 1e-3, "f": 1, "m": 0, "clip_radius": 0.0, "iterations": 3, "mu": 0.0, "sample": 0,
-         "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.0, "balance": 1}
+         "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.0, "balance": 1, "dp_noise": 1.0,
+         "dp_clip": 1.0, "dp_delta": 1e-5, "dp_quantile": 0.0, "dp_clip_lr": 0.2, "dp_quantile_noise": 0.0}
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("fedavg", "the mean of the updates, weighted by examples (--weighting)", {},
@@ -136,6 +147,10 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            {"aggregator": "multi-krum"}, reference="Blanchard et al. 2017"),
     Preset("centered-clip", "each update's distance from the last step clipped, iterated (2f+1 workers)",
            {"aggregator": "centered-clip"}, reference="Karimireddy et al. 2021"),
+    Preset("dp-fedavg", "central (user-level) DP: each delta clipped to dp_clip, Gaussian noise on the sum "
+           "(dp_quantile=0.5: adaptive clipping toward the median norm); each round's epsilon in metrics.jsonl. "
+           "For fleets of hundreds: the noise on the mean is dp_noise x dp_clip / the workers sampled",
+           {"aggregator": "dp-mean"}, reference="McMahan et al. 2018; Andrew et al. 2021"),
     Preset("fedbuff", "asynchronous: workers never wait; a server step every buffer_size updates, stale ones "
            "discounted", {"buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.5},
            asynchronous=True, reference="Nguyen et al. 2022"),
@@ -196,6 +211,10 @@ class StrategySpec:
             self.name, aggregator=_aggregator(values), optimizer=_optimizer(values), weighting=weighting,
             staleness_exponent=values.get("staleness_exponent", 0.0), proximal_mu=values.get("mu", 0.0),
             sample=values["sample"], seed=seed,
+        ) if values["aggregator"] != "dp-mean" else Composite(
+            self.name, aggregator=central_dp.build(values, fleet_size), optimizer=_optimizer(values),
+            weighting=weighting, staleness_exponent=values.get("staleness_exponent", 0.0),
+            proximal_mu=values.get("mu", 0.0), sample=values["sample"], seed=seed,
         )
 
     def describe(self) -> str:

@@ -187,3 +187,66 @@ def test_a_worker_without_opacus_is_told_what_to_install(monkeypatch: pytest.Mon
     with pytest.raises(privacy.PrivacyUnavailable, match="pip install 'opacus") as refused:
         privacy.require_library()
     assert refused.value.code.name == "FAILED_PRECONDITION"
+
+
+# Central DP (coordinator/strategies/central_dp.py).
+
+from coordinator.strategies.base import Contribution  # noqa: E402
+from coordinator.strategies.central_dp import CentralDP, effective_noise  # noqa: E402
+from coordinator.strategies.registry import StrategySpec  # noqa: E402
+
+
+def deltas_of_norm(norms: list, size: int = 1000, seed: int = 0) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for norm in norms:
+        d = torch.randn(size, generator=generator, dtype=torch.float64)
+        out.append({"w": (d / d.norm() * norm).reshape(10, 100)})
+    return out
+
+
+def test_central_dp_clips_each_update_and_means_over_the_expected_count() -> None:
+    deltas = deltas_of_norm([10.0, 0.5, 3.0])
+    agg = CentralDP(1e-9, 1.0, 1e-5, expected=3, fleet_size=3)
+    out = agg(deltas, [100.0, 1.0, 1.0])  # example counts do not weigh: user-level
+    factors = [0.1, 1.0, 1 / 3.0]
+    expected = sum(d["w"] * f for d, f in zip(deltas, factors)) / 3
+    torch.testing.assert_close(out["w"], expected, rtol=0, atol=1e-7)
+    assert agg.note()["central_dp"]["clipped"] == 2
+
+
+def test_central_dp_noise_on_the_mean_is_z_s_over_m() -> None:
+    agg = CentralDP(2.0, 0.5, 1e-5, expected=4, fleet_size=40)
+    zeros = [{"w": torch.zeros(200_000, dtype=torch.float64)}] * 4
+    out = agg(zeros, [1.0] * 4)["w"]
+    assert abs(float(out.std()) - 2.0 * 0.5 / 4) < 0.01 * 2.0 * 0.5 / 4  # 1%: over 6 standard errors
+
+
+def test_central_dp_accounts_each_round_at_the_sampling_rate_and_survives_a_checkpoint() -> None:
+    agg = CentralDP(1.0, 1.0, 1e-5, expected=10, fleet_size=100, target_quantile=0.5, quantile_noise=1.0)
+    deltas = deltas_of_norm([0.2] * 10)
+    for _ in range(3):
+        agg(deltas, [1.0] * 10)
+    note = agg.note()["central_dp"]
+    assert note["epsilon"] == pytest.approx(privacy.epsilon_of([Spend(0, 1.0, 0.1, 3)], 1e-5))
+    # Every norm within the clip: it shrinks toward the median (about exp(-0.2 * 0.5) a round).
+    assert note["next_clip"] < note["clip"] < 1.0
+    again = CentralDP(1.0, 1.0, 1e-5, expected=10, fleet_size=100, target_quantile=0.5, quantile_noise=1.0)
+    again.load_state_dict(agg.state_dict())
+    torch.testing.assert_close(agg(deltas, [1.0] * 10)["w"], again(deltas, [1.0] * 10)["w"], rtol=0, atol=0)
+    assert again.note() == agg.note()
+
+
+def test_adaptive_clipping_leaves_the_updates_the_noise_theorem_1_says() -> None:
+    assert effective_noise(1.0, 10.0) == pytest.approx((1 - 1 / 400) ** -0.5)
+    with pytest.raises(InvalidConfig, match="dp_quantile_noise"):
+        StrategySpec("dp-fedavg", {"dp_quantile": 0.5}).build(fleet_size=3)
+
+
+def test_dp_fedavg_is_a_strategy_with_a_server_optimizer() -> None:
+    strategy = StrategySpec("fedavgm", {"aggregator": "dp-mean", "dp_noise": 0.5}).build(fleet_size=3)
+    start = {"w": torch.zeros(10, 100)}
+    contributions = [Contribution(f"w{i}", {"w": d["w"].float()}, 10) for i, d in enumerate(deltas_of_norm([5.0] * 3))]
+    new = strategy.aggregate(start, contributions)
+    assert new["w"].shape == (10, 100) and torch.isfinite(new["w"]).all()
+    assert strategy.note()["central_dp"]["epsilon"] > 0
