@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import grpc
 
 from coordinator.failures import Failure
-from jetfed import codec, wire
+from jetfed import codec, compression, wire
 from jetfed.auth import await_admission
 from jetfed.codec import Manifest, StateDict, TensorInfo
 from jetfed.config import TrainConfig
@@ -90,12 +90,66 @@ class Weights:
 
 @dataclass(frozen=True)
 class Update:
+    """A worker's trained weights, always whole (a compressed update is decoded back
+    onto the model it was trained from before anything else sees it), and what the
+    round moved: `bytes_down` the Train's payload, `bytes_up` the result's, as they
+    crossed the wire (0: not counted)."""
+
     worker: str
     weights: Weights
     num_examples: int
     mean_loss: float
     train_seconds: float
     device: str
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+    def traffic(self, global_bytes: int) -> Dict[str, float]:
+        """Bytes sent to and received from the worker this round, and the compression
+        ratio of the two together against the full raw model both ways (`global_bytes`,
+        the size of the global model's payload, for the way down; the update's own raw
+        size for the way up)."""
+        raw = global_bytes + len(self.weights.payload)
+        moved = self.bytes_down + self.bytes_up
+        return {"bytes_sent": self.bytes_down, "bytes_received": self.bytes_up,
+                "compression_ratio": raw / moved if moved else 1.0}
+
+
+def _plain(manifest: Manifest) -> bool:
+    return manifest.content == compression.FULL and manifest.encoding == compression.RAW
+
+
+def check_result_manifest(manifest: Manifest, model: str, spec: Tuple[TensorInfo, ...],
+                          asked: compression.Encoding, base_sha256: str, who: str) -> None:
+    """A Train result's manifest, before its bytes: full raw weights of `spec` (always
+    accepted: what a worker that ignores uplink_encoding sends), or tensors encoded as
+    `asked`, a delta being from the weights the Train carried (`base_sha256`)."""
+    if _plain(manifest):
+        codec.check_manifest(manifest, model, spec)
+        return
+    encoding = compression.Encoding(manifest.encoding, manifest.topk_fraction)
+    if encoding != asked:
+        raise BadStream(f"manifest.encoding: worker {who} sent {encoding}, but this run asked for {asked} "
+                        "(or full raw weights)")
+    if manifest.content == compression.DELTA and manifest.base_sha256 != base_sha256:
+        raise ManifestMismatch(f"manifest.base_sha256: worker {who} sent a delta from weights "
+                               f"'{manifest.base_sha256[:16]}', not from the '{base_sha256[:16]}' this Train sent")
+    codec.check_manifest(manifest, model, compression.payload_spec(spec, encoding))
+
+
+def rebuild(manifest: Manifest, payload: codec.Payload, received: StateDict, base: StateDict,
+            spec: Tuple[TensorInfo, ...], model: str, who: str) -> Weights:
+    """The whole trained weights a checked result carried: as received when full and
+    raw; else its tensors decoded (jetfed.compression) and, for a delta, added to
+    `base` (the weights the Train carried), proven finite and encoded whole, so the
+    strategies, the evaluator and checkpoints see full weights whatever travelled."""
+    if _plain(manifest):
+        return Weights(manifest, payload, received)
+    tensors = compression.decode(received, spec, compression.Encoding(manifest.encoding, manifest.topk_fraction))
+    if manifest.content == compression.DELTA:
+        tensors = compression.apply_delta(base, tensors)
+    codec.require_finite(tensors, who)
+    return Weights.of(tensors, model)
 
 
 @dataclass(frozen=True)
@@ -222,6 +276,7 @@ class WorkerClient:
         if self._expected is None:
             raise RuntimeError(f"worker {self.name}: train before expect (the run's model is not known yet)")
         model, spec, max_payload_bytes = self._expected
+        asked = compression.Encoding.parse(config.uplink_encoding)
         head = worker_pb2.TrainRequest(
             header=worker_pb2.TrainHeader(
                 round=round_number, config=wire.config_to_proto(config),
@@ -232,7 +287,7 @@ class WorkerClient:
         def check_result(result: worker_pb2.TrainResult, manifest: Manifest) -> None:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
-            codec.check_manifest(manifest, model, spec)
+            check_result_manifest(manifest, model, spec, asked, weights.manifest.sha256, self.name)
 
         with _border():
             call = self._train(timeout=timeout, metadata=self._metadata)
@@ -244,10 +299,12 @@ class WorkerClient:
                 call, "result", max_payload_bytes, check_head=check_result,
                 on_bytes=self._telemetry.on_bytes_received("Train"),
             )
-            state = codec.decode_finite(manifest, payload, payload.sha256, who=self.name)
+            received = codec.decode_finite(manifest, payload, payload.sha256, who=self.name)
+            trained = rebuild(manifest, payload, received, weights.state, spec, model, self.name)
         return Update(
-            worker=self.name, weights=Weights(manifest, payload, state), num_examples=result.num_examples,
+            worker=self.name, weights=trained, num_examples=result.num_examples,
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
+            bytes_down=weights.manifest.total_bytes, bytes_up=manifest.total_bytes,
         )
 
     async def end_run(self, timeout: float) -> bool:

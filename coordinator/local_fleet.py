@@ -18,7 +18,7 @@ import torch
 
 from coordinator.clients import Score, Update, Weights
 from coordinator.failures import Failure
-from jetfed import codec, scaffold
+from jetfed import codec, compression, scaffold
 from jetfed.codec import StateDict
 from jetfed.codec import TensorInfo
 from jetfed.config import TrainConfig
@@ -72,6 +72,9 @@ class LocalWorker:
         # SCAFFOLD's c_i by the round that made it, in memory (a board keeps it in
         # --state-dir): a round uses the newest from an earlier round, as the board does.
         self._controls: Dict[int, StateDict] = {}
+        # Top-k's error-feedback residual by the round that left it, in memory (a board
+        # keeps it in --state-dir, worker.residual), used as the board uses it.
+        self._residuals: Dict[int, StateDict] = {}
 
     def _client_control(self, round_number: int, like: StateDict) -> StateDict:
         earlier = [r for r in self._controls if r < round_number]
@@ -113,9 +116,34 @@ class LocalWorker:
         if outcome.client_control is not None:
             self._controls[round_number] = outcome.client_control
         state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
-        return Update(worker=self.name, weights=Weights.of(state, trainer.task.model_name),
+        trained, bytes_up = self._as_sent(round_number, config, state, weights)
+        return Update(worker=self.name, weights=trained,
                       num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,
-                      train_seconds=outcome.seconds, device=trainer.device_label)
+                      train_seconds=outcome.seconds, device=trainer.device_label,
+                      bytes_down=weights.manifest.total_bytes, bytes_up=bytes_up)
+
+    def _as_sent(self, round_number: int, config: TrainConfig, state: StateDict, weights: Weights) -> Tuple[Weights, int]:
+        """The trained weights as the coordinator rebuilds them from what a board sends
+        (config.uplink_encoding: the same encoding, residual and decoding, so a
+        simulation equals a real run), and the bytes the board's result would carry."""
+        model = self._trainer.task.model_name
+        encoding = compression.Encoding.parse(config.uplink_encoding)
+        if encoding.is_raw:
+            whole = Weights.of(state, model)
+            return whole, whole.manifest.total_bytes
+        owed = None
+        if encoding.kind == compression.TOPK:
+            earlier = [r for r in self._residuals if r < round_number]
+            owed = self._residuals[max(earlier)] if earlier else None
+        encoded = compression.encode_delta(state, weights.state, encoding, owed)
+        if encoded.residual is not None:
+            earlier = [r for r in self._residuals if r < round_number]
+            self._residuals = {max(earlier): self._residuals[max(earlier)]} if earlier else {}
+            self._residuals[round_number] = encoded.residual
+        sent, _ = codec.encode(encoded.payload, model)
+        spec = codec.spec_of(state)
+        rebuilt = compression.apply_delta(weights.state, compression.decode(encoded.payload, spec, encoding))
+        return Weights.of(rebuilt, model), sent.total_bytes
 
     async def end_run(self, timeout: float) -> bool:
         return True

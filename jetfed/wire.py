@@ -237,9 +237,9 @@ async def _read_weight_stream(
             if kind != head_field:
                 raise BadStream(f"{head_field}: the first message must carry the {head_field}, got {kind}")
             head = getattr(message, head_field)
+            manifest = manifest_from_proto(head.manifest)
+            assembler = stream.PayloadAssembler(manifest.total_bytes, max_bytes)
             try:
-                manifest = manifest_from_proto(head.manifest)
-                assembler = stream.PayloadAssembler(manifest.total_bytes, max_bytes)
                 check_head(head, manifest)
             except JetfedError:
                 await _discard(messages)

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 import grpc
 import torch
 
-from jetfed import codec, scaffold, wire
+from jetfed import codec, compression, scaffold, wire
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, TrainConfig
 from jetfed.errors import InvalidConfig, ManifestMismatch, StreamStalled, TrainingStopped, WorkerStateError
 from jetfed.scaffold import CONTROL_PREFIX, ControlStore, ControlVariates
@@ -25,6 +25,7 @@ from jetfed.tasks.base import Examples, Task, TrainOutcome
 from jetfed.telemetry import Telemetry
 from jetfed.training import derive_seed
 from jetfed.v1 import evaluation_pb2, info_pb2, worker_pb2, worker_pb2_grpc
+from worker.residual import ResidualStore
 from worker.rounds import Round, RunLedger, TrainingSlot
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, name: str, task: Task, data: Examples, *, device_label: str, executor: Executor, chunk_bytes: int,
         max_payload_bytes: int, receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
         max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND, slowdown: float = 1.0,
-        control_store: Optional[ControlStore] = None,
+        control_store: Optional[ControlStore] = None, residual_store: Optional[ResidualStore] = None,
     ) -> None:
+        """`residual_store` keeps top-k's error feedback (worker.residual); by default
+        beside the control store's files, in memory without one."""
         self._name = name
         self._task = task
         self._model_name = task.model_name
@@ -88,6 +91,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._spec = codec.spec_of(self._model.state_dict())
         self._scaffold_spec = scaffold.train_spec(self._model.state_dict())
         self._controls = control_store
+        self._residuals = residual_store or ResidualStore(
+            control_store.folder if control_store is not None else None, task.model_name)
         self._task_takes_controls = scaffold.takes_controls(task)
         self._data = data
         self._device_label = device_label
@@ -124,8 +129,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 seed = derive_seed(config.seed, head.round, self._name)
                 outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed, server_control)
                 outcome = await self._as_slower_board(head.round, outcome, compute_seconds)
-                for message in self._result_messages(head, outcome):
+                result_manifest, result_payload, residual = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._encoded_result, held, head, config, state, manifest, outcome,
+                )
+                for message in self._result_messages(head, outcome, result_manifest, result_payload):
                     yield message
+                if residual is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._residuals.save, held.run_id, held.number, residual,
+                    )
                 if outcome.client_control is not None and self._controls is not None:
                     await asyncio.get_running_loop().run_in_executor(
                         self._executor, self._controls.save, held.run_id, held.number, outcome.client_control,
@@ -248,8 +260,31 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except asyncio.TimeoutError:
             log.warning("train round=%d still running %.0fs after shutdown began", held.number, within)
 
-    def _result_messages(self, head: worker_pb2.TrainHeader, outcome: TrainOutcome) -> Iterator[worker_pb2.TrainResponse]:
-        result_manifest, result_payload = codec.encode(outcome.state, self._model_name)
+    def _encoded_result(
+        self, held: Round, head: worker_pb2.TrainHeader, config: TrainConfig, base: codec.StateDict,
+        received: codec.Manifest, outcome: TrainOutcome,
+    ) -> Tuple[codec.Manifest, codec.Payload, Optional[codec.StateDict]]:
+        """The result's manifest and payload as config.uplink_encoding asks: the full
+        weights (raw), or their difference from `base` (the model this Train carried,
+        whose payload `received` describes) encoded; with top-k, also the residual to
+        keep once the result is sent (None otherwise)."""
+        encoding = compression.Encoding.parse(config.uplink_encoding)
+        if encoding.is_raw:
+            manifest, payload = codec.encode(outcome.state, self._model_name)
+            return manifest, payload, None
+        owed = self._residuals.load(held.run_id, held.number, base) if encoding.kind == compression.TOPK else None
+        encoded = compression.encode_delta(outcome.state, base, encoding, owed)
+        manifest, payload = codec.encode(encoded.payload, self._model_name)
+        manifest = dataclasses.replace(
+            manifest, content=compression.DELTA, encoding=encoding.kind, topk_fraction=encoding.fraction,
+            base_sha256=received.sha256, base_round=head.round,
+        )
+        return manifest, payload, encoded.residual
+
+    def _result_messages(
+        self, head: worker_pb2.TrainHeader, outcome: TrainOutcome, result_manifest: codec.Manifest,
+        result_payload: codec.Payload,
+    ) -> Iterator[worker_pb2.TrainResponse]:
         log.info(
             "train round=%d run=%s examples=%d loss=%.4f seconds=%.3f",
             head.round, head.run_id or "-", outcome.num_examples, outcome.mean_loss, outcome.seconds,

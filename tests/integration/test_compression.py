@@ -1,0 +1,125 @@
+"""Compressed uplink on real `jetfed worker` processes and the coordinator's own gRPC
+client: the update a worker sends as an encoded delta is rebuilt, bit for bit, into
+the weights the coordinator's decoding of that delta gives; top-k's residual is kept
+in --state-dir and used after a restart; an encoding the worker does not know is
+refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import List
+
+import grpc
+import pytest
+import torch
+
+from coordinator.clients import Update, Weights, WorkerClient
+from jetfed import codec, compression, wire
+from jetfed.codec import StateDict
+from jetfed.config import TrainConfig
+from jetfed.models import build_model
+from jetfed.serving import CHANNEL_OPTIONS
+from jetfed.v1 import worker_pb2, worker_pb2_grpc
+from tests.integration.test_scaffold_worker import start_workers, stopped
+
+RUN = "compression-test-run"
+MODEL = "mnist-cnn"
+
+
+def global_model() -> StateDict:
+    torch.manual_seed(0)
+    return build_model(MODEL).state_dict()
+
+
+def train(address: str, round_number: int, encoding: str) -> Update:
+    async def call() -> Update:
+        client = WorkerClient("alice", address, 256 << 10, run_id=RUN)
+        weights = Weights.of(global_model(), MODEL)
+        client.expect(MODEL, codec.spec_of(weights.state), 8 << 20)
+        try:
+            config = TrainConfig(lr=0.1, batch_size=16, max_batches=3, seed=7, uplink_encoding=encoding)
+            return await client.train(round_number, config, weights, timeout=60)
+        finally:
+            await client.close()
+    return asyncio.run(call())
+
+
+def expected(trained: StateDict, encoding: str, residual: "StateDict | None" = None) -> compression.Encoded:
+    return compression.encode_delta(trained, global_model(), compression.Encoding.parse(encoding), residual)
+
+
+def test_encoded_updates_are_rebuilt_exactly_and_topk_keeps_its_residual(tiny_mnist: Path, tmp_path: Path) -> None:
+    """One worker process, trained alike for each round (same name, seed and round):
+    raw gives the reference, each encoding must rebuild into exactly what decoding
+    its delta from the reference gives; top-k's round 2 adds round 1's residual,
+    read back from --state-dir."""
+    (alice,) = start_workers(tmp_path, {"alice": tmp_path / "state"}, tiny_mnist)
+    try:
+        full_1 = train(alice.address, 1, "raw")
+        sparse_1 = train(alice.address, 1, "topk:0.01")
+        quantized_1 = train(alice.address, 1, "int8")
+        full_2 = train(alice.address, 2, "raw")
+        sparse_2 = train(alice.address, 2, "topk:0.01")
+        refused = _refusal(alice.address)
+    finally:
+        stopped([alice])
+    assert full_1.bytes_up == full_1.weights.manifest.total_bytes  # raw: today's full payload
+    _check_rebuilt(quantized_1, expected(full_1.weights.state, "int8"))
+    assert 3.5 * quantized_1.bytes_up < full_1.bytes_up
+
+    want_1 = expected(full_1.weights.state, "topk:0.01")
+    _check_rebuilt(sparse_1, want_1)
+    assert 40 * sparse_1.bytes_up < full_1.bytes_up, (sparse_1.bytes_up, full_1.bytes_up)
+    assert sparse_1.traffic(full_1.bytes_down)["compression_ratio"] > 1.9
+    _check_rebuilt(sparse_2, expected(full_2.weights.state, "topk:0.01", want_1.residual))
+    assert not _same(sparse_2, expected(full_2.weights.state, "topk:0.01"))  # the residual counted
+    kept = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert [name.rsplit("-", 1)[1] for name in kept] == ["1.safetensors", "2.safetensors"], kept
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "config.uplink_encoding.kind: encoding 42" in refused.details()
+
+
+@pytest.mark.slow
+def test_topk_residual_survives_a_restart(tiny_mnist: Path, tmp_path: Path) -> None:
+    (alice,) = start_workers(tmp_path, {"alice": tmp_path / "state"}, tiny_mnist)
+    try:
+        full_1 = train(alice.address, 1, "raw")
+        train(alice.address, 1, "topk:0.01")
+        full_2 = train(alice.address, 2, "raw")
+    finally:
+        stopped([alice])
+    (alice,) = start_workers(tmp_path, {"alice-again": tmp_path / "state"}, tiny_mnist)
+    try:
+        sparse_2 = train(alice.address, 2, "topk:0.01")
+    finally:
+        stopped([alice])
+    residual = expected(full_1.weights.state, "topk:0.01").residual
+    _check_rebuilt(sparse_2, expected(full_2.weights.state, "topk:0.01", residual))
+
+
+def _same(update: Update, want: compression.Encoded) -> bool:
+    rebuilt = compression.apply_delta(global_model(), want.sent)
+    return all(torch.equal(update.weights.state[n], rebuilt[n]) for n in rebuilt)
+
+
+def _check_rebuilt(update: Update, want: compression.Encoded) -> None:
+    assert _same(update, want)
+
+
+def _refusal(address: str) -> grpc.aio.AioRpcError:
+    manifest, payload = codec.encode(global_model(), MODEL)
+    config = wire.config_to_proto(TrainConfig(seed=7))
+    config.uplink_encoding.kind = 42  # a newer coordinator's encoding
+    header = worker_pb2.TrainHeader(round=3, config=config, manifest=wire.manifest_to_proto(manifest), run_id=RUN)
+    messages: List[worker_pb2.TrainRequest] = list(wire.weight_messages(
+        worker_pb2.TrainRequest(header=header), payload, 256 << 10, lambda c: worker_pb2.TrainRequest(chunk=c)))
+
+    async def call() -> None:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            [r async for r in stub.Train(iter(messages), timeout=60)]
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(call())
+    return refused.value
