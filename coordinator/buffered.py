@@ -211,7 +211,7 @@ class BufferedDriver:
                 "base_version": a.base_version, "staleness": self.version - 1 - a.base_version,
                 "num_examples": a.update.num_examples, "mean_loss": a.update.mean_loss,
                 "train_seconds": a.update.train_seconds, "device": a.update.device, "delta_norm": norms[i],
-                "pace": paces[i],
+                "pace": paces[i], **a.update.traffic(),
             } for i, a in enumerate(arrivals)], [a.update.worker for a in arrivals]),
             "failed": dict(self.failed), "dropped": dict(self.dropped), "clipped": clipped, "late": [],
             "attempts": 1, "skipped": [],

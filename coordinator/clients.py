@@ -93,7 +93,8 @@ class Update:
     """A worker's trained weights, always whole (a compressed update is decoded back
     onto the model it was trained from before anything else sees it), and what the
     round moved: `bytes_down` the Train's payload, `bytes_up` the result's, as they
-    crossed the wire (0: not counted)."""
+    crossed the wire, and `raw_down`, `raw_up` what they would have been full and raw
+    (0: as crossed, or not counted)."""
 
     worker: str
     weights: Weights
@@ -103,13 +104,13 @@ class Update:
     device: str
     bytes_down: int = 0
     bytes_up: int = 0
+    raw_down: int = 0
+    raw_up: int = 0
 
-    def traffic(self, global_bytes: int) -> Dict[str, float]:
-        """Bytes sent to and received from the worker this round, and the compression
-        ratio of the two together against the full raw model both ways (`global_bytes`,
-        the size of the global model's payload, for the way down; the update's own raw
-        size for the way up)."""
-        raw = global_bytes + len(self.weights.payload)
+    def traffic(self) -> Dict[str, float]:
+        """For metrics.jsonl: bytes sent to and received from the worker this round, and
+        the compression ratio of the two together against full raw weights both ways."""
+        raw = (self.raw_down or self.bytes_down) + (self.raw_up or self.bytes_up)
         moved = self.bytes_down + self.bytes_up
         return {"bytes_sent": self.bytes_down, "bytes_received": self.bytes_up,
                 "compression_ratio": raw / moved if moved else 1.0}
@@ -305,6 +306,7 @@ class WorkerClient:
             worker=self.name, weights=trained, num_examples=result.num_examples,
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
             bytes_down=weights.manifest.total_bytes, bytes_up=manifest.total_bytes,
+            raw_up=trained.manifest.total_bytes,
         )
 
     async def end_run(self, timeout: float) -> bool:

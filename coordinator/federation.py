@@ -586,7 +586,8 @@ class Federation:
             "clipped": clipped,
             "updates": {
                 u.worker: {"num_examples": u.num_examples, "mean_loss": u.mean_loss,
-                           "train_seconds": u.train_seconds, "device": u.device, "delta_norm": norms[u.worker]}
+                           "train_seconds": u.train_seconds, "device": u.device, "delta_norm": norms[u.worker],
+                           **u.traffic()}
                 for u in updates
             },
         })

@@ -120,7 +120,8 @@ class LocalWorker:
         return Update(worker=self.name, weights=trained,
                       num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,
                       train_seconds=outcome.seconds, device=trainer.device_label,
-                      bytes_down=weights.manifest.total_bytes, bytes_up=bytes_up)
+                      bytes_down=weights.manifest.total_bytes, bytes_up=bytes_up,
+                      raw_up=trained.manifest.total_bytes)
 
     def _as_sent(self, round_number: int, config: TrainConfig, state: StateDict, weights: Weights) -> Tuple[Weights, int]:
         """The trained weights as the coordinator rebuilds them from what a board sends

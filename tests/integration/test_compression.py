@@ -71,7 +71,7 @@ def test_encoded_updates_are_rebuilt_exactly_and_topk_keeps_its_residual(tiny_mn
     want_1 = expected(full_1.weights.state, "topk:0.01")
     _check_rebuilt(sparse_1, want_1)
     assert 40 * sparse_1.bytes_up < full_1.bytes_up, (sparse_1.bytes_up, full_1.bytes_up)
-    assert sparse_1.traffic(full_1.bytes_down)["compression_ratio"] > 1.9
+    assert sparse_1.traffic()["compression_ratio"] > 1.9
     _check_rebuilt(sparse_2, expected(full_2.weights.state, "topk:0.01", want_1.residual))
     assert not _same(sparse_2, expected(full_2.weights.state, "topk:0.01"))  # the residual counted
     kept = sorted(p.name for p in (tmp_path / "state").iterdir())
