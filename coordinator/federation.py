@@ -530,6 +530,8 @@ class Federation:
         left = deadline - (time.perf_counter() - started)
         update = await self.workers[name].train(round_number, config, weights, left)
         self.telemetry.observe_train(name, time.perf_counter() - started)
+        self.telemetry.observe_traffic(name, update.bytes_down, update.bytes_up, update.raw_down or update.bytes_down,
+                                       update.raw_up or update.bytes_up)
         return update
 
     async def train_round(self, round_number: int) -> Dict[str, Any]:

@@ -119,7 +119,25 @@ class RunTelemetry(Telemetry):
                                  ["model", "metric"], registry=r)
         self._evaluated_round = Gauge("jetfed_evaluated_round", "The round jetfed_evaluation_metric is from",
                                       registry=r)
+        self._update_bytes = Counter(
+            "jetfed_update_bytes", "Weight payload bytes of Train calls as they crossed the wire, by worker and "
+            "direction (sent: the model to the worker; received: its update)", ["worker", "direction"], registry=r)
+        self._update_raw_bytes = Counter(
+            "jetfed_update_raw_bytes", "What jetfed_update_bytes would have been as full raw weights",
+            ["worker", "direction"], registry=r)
+        self._compression_ratio = Gauge(
+            "jetfed_compression_ratio", "A worker's last Train: full raw bytes both ways over the bytes that crossed",
+            ["worker"], registry=r)
         self._capped_warned = False
+
+    def observe_traffic(self, worker: str, sent: int, received: int, raw_sent: int, raw_received: int) -> None:
+        """One Train's weight bytes each way, as they crossed and as full raw weights."""
+        self._update_bytes.labels(worker, "sent").inc(sent)
+        self._update_bytes.labels(worker, "received").inc(received)
+        self._update_raw_bytes.labels(worker, "sent").inc(raw_sent)
+        self._update_raw_bytes.labels(worker, "received").inc(raw_received)
+        if sent + received:
+            self._compression_ratio.labels(worker).set((raw_sent + raw_received) / (sent + received))
 
     def observe_round(self, seconds: float, outcome: str) -> None:
         """`outcome` is one of ROUND_OUTCOMES; anything else is a bug, not a new series."""

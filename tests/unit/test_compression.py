@@ -219,3 +219,19 @@ def test_encoded_payload_passes_the_codec_and_its_manifest_check() -> None:
     assert set(out) == set(state)
     full_bytes = codec.encode(state, "m")[0].total_bytes
     assert manifest.total_bytes * 2 < full_bytes  # tiny tensors: the JSON header dominates
+
+
+def test_traffic_is_recorded_for_prometheus_and_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from coordinator.clients import Update, Weights
+    from jetfed.telemetry import RunTelemetry
+
+    telemetry = RunTelemetry()
+    telemetry.observe_traffic("alice", 1000, 50, 1000, 1000)
+    text = generate_latest(telemetry.registry).decode()
+    assert 'jetfed_update_bytes_total{direction="received",worker="alice"} 50.0' in text
+    assert 'jetfed_compression_ratio{worker="alice"} ' + repr(2000 / 1050) in text
+    update = Update("alice", Weights.of({"w": torch.zeros(3)}, "m"), 1, 0.0, 0.0, "cpu", bytes_down=1000, bytes_up=50,
+                    raw_up=1000)
+    assert update.traffic() == {"bytes_sent": 1000, "bytes_received": 50, "compression_ratio": 2000 / 1050}
