@@ -19,7 +19,7 @@ OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
 RUN_LOCAL_VARS := DATA_DIR CONFIG ROUNDS SEED OUT TLS RESUME BASE_PORT METRICS ARGS
 PYTEST_ARGS ?=
 
-.PHONY: all install proto test test-all run-local bench bench-strategies clean
+.PHONY: all install proto proto-check test test-all run-local bench bench-strategies clean
 
 all: install
 
@@ -41,6 +41,23 @@ $(STUBS): $(PROTOS) $(STAMP)
 	touch $@
 
 proto: $(STUBS)
+
+# The contract only grows: buf lint (buf.yaml) and buf breaking against the last
+# release, the newest git tag, or without one the first commit of the contract
+# (PROTO_BASE=<ref> picks another). buf comes from npm (@bufbuild/buf, pinned), into
+# build/; it needs no network once installed. Not part of `make test`: CI installs
+# Python packages only.
+BUF_VERSION := 1.75.0
+BUF := build/buf/node_modules/.bin/buf
+PROTO_BASE ?= $(or $(shell git describe --tags --abbrev=0 2>/dev/null),\
+	$(shell git log --diff-filter=A --format=%H -- protos/jetfed/v1/worker.proto | tail -1))
+
+$(BUF):
+	npm install --prefix build/buf --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
+
+proto-check: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against '.git#ref=$(PROTO_BASE),subdir=protos'
 
 # `make test` leaves out the tests marked slow (real installs into scratch roots, the
 # longest fleet scenarios), which keeps CI under 20 minutes; `make test-all` runs them too.
