@@ -108,9 +108,11 @@ def clipped_sum(per_example: Sequence[torch.Tensor], max_norm: float) -> List[to
     bound is left as it is."""
     if not per_example or per_example[0].shape[0] == 0:
         return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in per_example]
-    squares = torch.stack([g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1) for g in per_example]).sum(dim=0)
+    # Norms by reduction (no squared copy of B x the model), summed in float64.
+    squares = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double().pow(2)
+                           for g in per_example]).sum(dim=0)
     factor = (max_norm / (squares.sqrt() + 1e-12)).clamp(max=1.0)
-    return [torch.einsum("i,i...->...", factor.to(g.dtype), g) for g in per_example]
+    return [(factor.to(g.dtype) @ g.reshape(g.shape[0], -1)).reshape(g.shape[1:]) for g in per_example]
 
 
 def add_noise(summed: Sequence[torch.Tensor], noise_multiplier: float, max_norm: float,
