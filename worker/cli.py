@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from jetfed import devices, scaffold, stream
+from jetfed import devices, privacy, scaffold, stream
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, WORK_SETTING, work_limit
 from jetfed.partitions import add_partition_arguments, partition_from_flags
 from jetfed.service_cli import (
@@ -73,6 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.name, task, data, device_label=label, executor=executor, chunk_bytes=args.chunk_bytes,
         max_payload_bytes=payload_limit, receive_timeout=args.receive_timeout, telemetry=telemetry,
         max_examples_per_round=work, slowdown=slowdown, control_store=controls,
+        ledger=privacy.Ledger(state_dir),
     )
     service.warm_up()
     try:

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 import grpc
 import torch
 
-from jetfed import codec, compression, scaffold, wire
+from jetfed import codec, compression, privacy, scaffold, wire
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, TrainConfig
 from jetfed.errors import InvalidConfig, ManifestMismatch, StreamStalled, TrainingStopped, WorkerStateError
 from jetfed.scaffold import CONTROL_PREFIX, ControlStore, ControlVariates
@@ -74,6 +74,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     `control_store`, and keeps the next c_i there once the whole result has been handed
     to its caller, so a call that ends without its result leaves the stored c_i as the
     coordinator last knew it. Without a store, SCAFFOLD rounds are refused.
+
+    A DP-SGD round (config.noise_multiplier > 0, jetfed.privacy) is refused at its
+    header when this worker lacks opacus or a `ledger`, or when it would take the run's
+    epsilon over config.epsilon_budget; once trained, its spend is written to the
+    ledger before any of the result leaves, and the result carries the run's epsilon.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         max_payload_bytes: int, receive_timeout: float = 120.0, telemetry: Optional[Telemetry] = None,
         max_examples_per_round: int = DEFAULT_MAX_EXAMPLES_PER_ROUND, slowdown: float = 1.0,
         control_store: Optional[ControlStore] = None, residual_store: Optional[ResidualStore] = None,
+        ledger: Optional[privacy.Ledger] = None,
     ) -> None:
         """`residual_store` keeps top-k's error feedback (worker.residual); by default
         beside the control store's files, in memory without one."""
@@ -91,6 +97,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._spec = codec.spec_of(self._model.state_dict())
         self._scaffold_spec = scaffold.train_spec(self._model.state_dict())
         self._controls = control_store
+        self._ledger = ledger
         self._residuals = residual_store or ResidualStore(
             control_store.folder if control_store is not None else None, task.model_name)
         self._task_takes_controls = scaffold.takes_controls(task)
@@ -132,7 +139,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 result_manifest, result_payload, residual = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._encoded_result, held, head, config, state, manifest, outcome,
                 )
-                for message in self._result_messages(head, outcome, result_manifest, result_payload):
+                epsilon = await self._spend_privacy(held, head, config, outcome) if config.private else 0.0
+                for message in self._result_messages(head, outcome, result_manifest, result_payload, epsilon):
                     yield message
                 if residual is not None:
                     await asyncio.get_running_loop().run_in_executor(
@@ -187,6 +195,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         config = wire.config_from_proto(head.config)
         config.require_work_within(len(self._data), self._max_examples)
         self._check_weights(manifest, config.scaffold)
+        if config.private:
+            privacy.require_library()
+            if self._ledger is None:
+                raise WorkerStateError("config.noise_multiplier: this worker keeps no privacy ledger (it was built "
+                                       "without one); start it with jetfed worker, whose --state-dir gives one")
+            self._ledger.check_budget(head.run_id, privacy.round_spend(head.round, config, len(self._data)), config)
+
+    async def _spend_privacy(self, held: Round, head: worker_pb2.TrainHeader, config: TrainConfig,
+                             outcome: TrainOutcome) -> float:
+        """Write a DP round's spend to the ledger, durably, before its result leaves;
+        the run's epsilon after it. A task loop that did not apply DP-SGD releases nothing."""
+        if not outcome.private:
+            raise privacy.PrivacyUnavailable(
+                f"config.noise_multiplier: task {self._task.name}'s own training loop does not apply DP-SGD; "
+                "its result is not released (use jetfed.training.train_round, or train without DP)")
+        assert self._ledger is not None
+        spend = privacy.round_spend(head.round, config, len(self._data))
+        spends = await asyncio.get_running_loop().run_in_executor(self._executor, self._ledger.record, held.run_id,
+                                                                   spend)
+        epsilon = privacy.epsilon_of(spends, config.dp_delta)
+        log.info("train round=%d run=%s dp epsilon=%.4f delta=%g (%s)", head.round, head.run_id or "-", epsilon,
+                 config.dp_delta, privacy.describe(config))
+        return epsilon
 
     def _check_weights(self, manifest: codec.Manifest, scaffold_round: bool) -> None:
         """The served model's tensors; in a SCAFFOLD round, the server's control variate too."""
@@ -283,7 +314,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _result_messages(
         self, head: worker_pb2.TrainHeader, outcome: TrainOutcome, result_manifest: codec.Manifest,
-        result_payload: codec.Payload,
+        result_payload: codec.Payload, epsilon: float = 0.0,
     ) -> Iterator[worker_pb2.TrainResponse]:
         log.info(
             "train round=%d run=%s examples=%d loss=%.4f seconds=%.3f",
@@ -293,6 +324,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             round=head.round, worker=self._name, num_examples=outcome.num_examples,
             mean_loss=outcome.mean_loss, train_seconds=outcome.seconds,
             device=self._device_label, manifest=wire.manifest_to_proto(result_manifest),
+            epsilon=epsilon, delta=head.config.dp_delta if epsilon else 0.0,
         )
         return wire.weight_messages(
             worker_pb2.TrainResponse(result=result), result_payload, self._chunk_bytes,
