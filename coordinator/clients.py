@@ -5,6 +5,7 @@ as a coordinator.failures.Failure."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
@@ -106,6 +107,10 @@ class Update:
     bytes_up: int = 0
     raw_down: int = 0
     raw_up: int = 0
+    # A DP-SGD round's (TrainConfig.noise_multiplier > 0): the worker's cumulative
+    # (epsilon, delta) for the run, as its accountant reports it; 0 without DP.
+    epsilon: float = 0.0
+    delta: float = 0.0
 
     def traffic(self) -> Dict[str, float]:
         """For metrics.jsonl: bytes sent to and received from the worker this round, and
@@ -289,6 +294,11 @@ class WorkerClient:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
             check_result_manifest(manifest, model, spec, asked, weights.manifest.sha256, self.name)
+            if config.private and not (math.isfinite(result.epsilon) and result.epsilon > 0
+                                       and result.delta == config.dp_delta):
+                raise BadStream(f"result.epsilon: worker {self.name} answered a DP-SGD round with epsilon "
+                                f"{result.epsilon} at delta {result.delta}, not a positive epsilon at dp_delta "
+                                f"{config.dp_delta:g}: it did not apply DP (a worker older than DP-SGD?); upgrade it")
 
         with _border():
             call = self._train(timeout=timeout, metadata=self._metadata)
@@ -306,7 +316,7 @@ class WorkerClient:
             worker=self.name, weights=trained, num_examples=result.num_examples,
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
             bytes_down=weights.manifest.total_bytes, bytes_up=manifest.total_bytes,
-            raw_up=trained.manifest.total_bytes,
+            raw_up=trained.manifest.total_bytes, epsilon=result.epsilon, delta=result.delta,
         )
 
     async def end_run(self, timeout: float) -> bool:
