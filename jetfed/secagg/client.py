@@ -99,9 +99,7 @@ class SecAggClient:
         seed = os.urandom(shares.SECRET_BYTES)
         masking.apply_mask(masked, masking.prg(masking.self_mask_key(
             seed, run_id=self.run_id, round_number=start.round_number, owner=self.worker), vector.size), 1)
-        for peer in participants:
-            if peer == self.worker:
-                continue
+        for peer in self._pairwise_peers(participants):
             pair = masking.pair_mask_key(self._pair_secret(self._members[peer]), run_id=self.run_id,
                                          round_number=start.round_number, first=min(peer, self.worker),
                                          second=max(peer, self.worker))
@@ -157,6 +155,11 @@ class SecAggClient:
             self._burned[peer] = epochs[peer]
         self._open_round, self._own_self_share = None, None
         return UnmaskResponse(worker=self.worker, round_number=round_number, shares=tuple(opened))
+
+    def _pairwise_peers(self, participants: Tuple[str, ...]) -> Tuple[str, ...]:
+        """Whom this worker masks with: every other participant (SecAgg+'s neighbour
+        graph would narrow this to k of them)."""
+        return tuple(p for p in participants if p != self.worker)
 
     def _check_participants(self, start: RoundStart) -> Tuple[str, ...]:
         roster = self._require_roster()

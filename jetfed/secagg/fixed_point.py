@@ -72,11 +72,13 @@ class FixedPoint:
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """A float vector as uint32 (clipped; non-finite values are refused, not clipped)."""
-        flat = np.asarray(values, dtype=np.float64).ravel()
+        flat = np.array(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(flat)):
             raise SecAggConfigError("secagg: the update holds NaN or infinite values; it cannot be encoded")
-        ints = np.rint(np.clip(flat, -self.clip, self.clip) * self.scale).astype(np.int64)
-        return (ints % MODULUS).astype(np.uint32)
+        np.clip(flat, -self.clip, self.clip, out=flat)
+        flat *= self.scale
+        np.rint(flat, out=flat)
+        return flat.astype(np.int64).astype(np.uint32)  # integer casts wrap: two's complement mod 2^32
 
     def to_signed(self, total: np.ndarray) -> np.ndarray:
         """A uint32 sum read as signed 32-bit integers (int64 array)."""

@@ -39,7 +39,9 @@ class Aggregate:
 class _Round:
     start: RoundStart
     epochs: Dict[str, int]
-    inputs: Dict[str, MaskedInput]
+    total: np.ndarray
+    commitments: Dict[str, bytes]
+    self_shares: Dict[str, Tuple[EncryptedShare, ...]]
     closed: bool = False
     survivors: Tuple[str, ...] = ()
     dropped: Tuple[str, ...] = ()
@@ -133,19 +135,22 @@ class SecAggServer:
                                  f"than the threshold {self.threshold}")
         self.fixed_point.check_capacity(len(participants))
         start = RoundStart(round_number=round_number, participants=participants, length=self.length)
-        self._round = _Round(start=start, epochs={w: self._members[w].epoch for w in participants}, inputs={})
+        self._round = _Round(start=start, epochs={w: self._members[w].epoch for w in participants},
+                             total=np.zeros(self.length, dtype=np.uint32), commitments={}, self_shares={})
         self._last_round = round_number
         return start
 
     def receive_masked_input(self, message: MaskedInput) -> None:
-        """A participant's masked vector, checked whole before it is kept."""
+        """A participant's masked vector, checked whole before it is added to the
+        round's running sum (the coordinator keeps one vector per round, not one per
+        worker)."""
         current = self._current(message.round_number, "masked input")
         if current.closed:
             raise ProtocolViolation(f"secagg: masked input of {message.worker!r} arrived after round "
                                     f"{message.round_number} stopped collecting; it counts as dropped")
         if message.worker not in current.epochs:
             raise ProtocolViolation(f"secagg: {message.worker!r} is not a participant of round {message.round_number}")
-        if message.worker in current.inputs:
+        if message.worker in current.commitments:
             raise ProtocolViolation(f"secagg: {message.worker!r} sent a second masked input for round "
                                     f"{message.round_number}")
         vector = message.vector
@@ -167,7 +172,9 @@ class SecAggServer:
         if holders != set(current.epochs) - {message.worker}:
             raise ProtocolViolation(f"secagg: masked input of {message.worker!r} must carry one self-mask share "
                                     "per other participant")
-        current.inputs[message.worker] = message
+        np.add(current.total, vector, out=current.total)
+        current.commitments[message.worker] = message.commitment
+        current.self_shares[message.worker] = tuple(message.self_shares)
 
     def close_masked_inputs(self, round_number: int) -> Dict[str, UnmaskRequest]:
         """End the masked-input stage (deadline or all in): one unmask request per
@@ -176,8 +183,8 @@ class SecAggServer:
         current = self._current(round_number, "close")
         if current.closed:
             raise SecAggConfigError(f"secagg: round {round_number} already stopped collecting")
-        survivors = tuple(w for w in current.start.participants if w in current.inputs)
-        dropped = tuple(w for w in current.start.participants if w not in current.inputs)
+        survivors = tuple(w for w in current.start.participants if w in current.commitments)
+        dropped = tuple(w for w in current.start.participants if w not in current.commitments)
         current.closed = True
         if len(survivors) < self.threshold:
             self._round = None
@@ -193,7 +200,7 @@ class SecAggServer:
         self._burned.update(dropped)
         requests = {}
         for holder in survivors:
-            addressed = [s for w in survivors if w != holder for s in current.inputs[w].self_shares
+            addressed = [s for w in survivors if w != holder for s in current.self_shares[w]
                          if s.holder == holder]
             addressed += [self._key_shares[lost][holder] for lost in dropped if holder in self._key_shares[lost]]
             requests[holder] = UnmaskRequest(round_number=round_number, survivors=survivors, dropped=dropped,
@@ -241,11 +248,9 @@ class SecAggServer:
         for opened in current.revealed.values():
             for share in opened:
                 by_owner.setdefault((share.owner, share.kind), []).append((share.x, shares.decode_share(share.y)))
-        total = np.zeros(self.length, dtype=np.uint32)
+        total = current.total
         for worker in current.survivors:
-            np.add(total, current.inputs[worker].vector, out=total)
-        for worker in current.survivors:
-            expected = current.inputs[worker].commitment
+            expected = current.commitments[worker]
             seed = self._reconstruct(by_owner.get((worker, SELF_MASK), []), worker, "self-mask seed",
                                      lambda s, w=worker: commitment(s, run_id=self.run_id,
                                                                     round_number=round_number, owner=w) == expected)

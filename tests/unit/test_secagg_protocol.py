@@ -11,6 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import pytest
 
+from jetfed.secagg import keys, masking, shares
 from jetfed.secagg import (AggregateOutOfRange, BelowThreshold, FixedPoint, ProtocolViolation, SecAggClient,
                            SecAggConfigError, SecAggServer)
 from jetfed.secagg.messages import MASK_KEY, SELF_MASK, RevealedShare, RoundStart, UnmaskResponse
@@ -335,3 +336,27 @@ def test_a_masked_vector_is_indistinguishable_from_noise():
     for candidate in (masked.astype(np.float64), server.fixed_point.to_signed(masked).astype(np.float64)):
         assert abs(np.corrcoef(candidate, plain_signed)[0, 1]) < 0.03  # 1/sqrt(50k) = 0.0045
     assert np.corrcoef(plain_signed, update)[0, 1] > 0.99
+
+
+def test_a_late_input_of_a_dropped_worker_stays_hidden_behind_its_self_mask():
+    length = 50_000
+    server, clients = fleet(4, 3, length=length)
+    update = np.sin(np.arange(length) / 50.0).astype(np.float32) * 0.9
+    start = server.start_round(1, list(clients))
+    masked = {w: clients[w].mask(start, update) for w in start.participants}
+    for worker in ("w00", "w01", "w02"):
+        server.receive_masked_input(masked[worker])
+    opened = [clients[w].unmask(r) for w, r in server.close_masked_inputs(1).items()]
+    # a curious coordinator rebuilds w03's mask key and strips every pairwise mask from
+    # w03's late vector: only the self-mask is left between it and w03's update
+    points = [(s.x, int.from_bytes(s.y, "big")) for r in opened for s in r.shares if s.owner == "w03"]
+    mask_key = shares.combine(points[:3])
+    late = masked["w03"].vector.copy()
+    for peer in ("w00", "w01", "w02"):
+        secret = keys.agree(mask_key, server.roster().members[int(peer[1:])].mask_public)
+        pair = masking.pair_mask_key(secret, run_id=RUN, round_number=1, first=peer, second="w03")
+        masking.apply_mask(late, masking.prg(pair, length), -masking.pair_sign("w03", peer))
+    encoded = server.fixed_point.encode(update)
+    assert chi_square_of_bytes(late) < 400 < chi_square_of_bytes(encoded)
+    plain = server.fixed_point.to_signed(encoded).astype(np.float64)
+    assert abs(np.corrcoef(server.fixed_point.to_signed(late).astype(np.float64), plain)[0, 1]) < 0.03
