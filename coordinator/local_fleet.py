@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from coordinator.clients import Score, Update, Weights
 from coordinator.failures import Failure
-from jetfed import codec, compression, scaffold
+from jetfed import codec, compression, privacy, scaffold
 from jetfed.codec import StateDict
 from jetfed.codec import TensorInfo
 from jetfed.config import TrainConfig
@@ -75,6 +75,9 @@ class LocalWorker:
         # Top-k's error-feedback residual by the round that left it, in memory (a board
         # keeps it in --state-dir, worker.residual), used as the board uses it.
         self._residuals: Dict[int, StateDict] = {}
+        # DP-SGD's spends this run, in memory (a board keeps them in --state-dir,
+        # jetfed.privacy.Ledger), refused over the budget as the board refuses them.
+        self._spends: List[privacy.Spend] = []
 
     def _client_control(self, round_number: int, like: StateDict) -> StateDict:
         earlier = [r for r in self._controls if r < round_number]
@@ -111,8 +114,20 @@ class LocalWorker:
         extra = {}
         if server_control is not None:
             extra["controls"] = ControlVariates(server_control, self._client_control(round_number, server_control))
-        outcome = trainer.task.train(trainer.model, self.data, config, derive_seed(config.seed, round_number, self.name),
-                                     **extra)
+        seed = derive_seed(config.seed, round_number, self.name)
+        spend = None
+        if config.private:
+            spend = self._check_budget(round_number, config)
+            if privacy.takes_private_seed(trainer.task):
+                extra["private_seed"] = privacy.private_seed(seed)  # a simulation replays
+        outcome = trainer.task.train(trainer.model, self.data, config, seed, **extra)
+        epsilon = 0.0
+        if spend is not None:
+            if not outcome.private:
+                raise privacy.PrivacyUnavailable(f"config.noise_multiplier: task {trainer.task.name}'s own training "
+                                                 "loop does not apply DP-SGD")
+            self._spends.append(spend)
+            epsilon = privacy.epsilon_of(self._spends, config.dp_delta)
         if outcome.client_control is not None:
             self._controls[round_number] = outcome.client_control
         state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
@@ -121,7 +136,15 @@ class LocalWorker:
                       num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,
                       train_seconds=outcome.seconds, device=trainer.device_label,
                       bytes_down=weights.manifest.total_bytes, bytes_up=bytes_up,
-                      raw_up=trained.manifest.total_bytes)
+                      raw_up=trained.manifest.total_bytes, epsilon=epsilon,
+                      delta=config.dp_delta if epsilon else 0.0)
+
+    def _check_budget(self, round_number: int, config: TrainConfig) -> privacy.Spend:
+        """The round's spend, refused (as a board refuses it) over the budget."""
+        privacy.require_library()
+        spend = privacy.round_spend(round_number, config, len(self.data))
+        privacy.within_budget(self._spends, spend, config, "this run")
+        return spend
 
     def _as_sent(self, round_number: int, config: TrainConfig, state: StateDict, weights: Weights) -> Tuple[Weights, int]:
         """The trained weights as the coordinator rebuilds them from what a board sends

@@ -37,6 +37,7 @@ without it refuses DP rounds (FAILED_PRECONDITION naming what to install)."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -266,15 +267,7 @@ class Ledger:
     def check_budget(self, run_id: str, spend: Spend, config: TrainConfig) -> float:
         """The epsilon after `spend`; refuse (PrivacyBudgetExhausted) when it is over
         the config's budget, before anything is spent."""
-        spent = self.spends(run_id)
-        after = epsilon_of([*spent, spend], config.dp_delta)
-        if config.epsilon_budget and after > config.epsilon_budget:
-            before = epsilon_of(spent, config.dp_delta)
-            raise PrivacyBudgetExhausted(
-                f"{PrivacyBudgetExhausted.MARKER} spent: round {spend.round} would take this worker's epsilon for "
-                f"run {echo(run_id)!r} from {before:.3f} to {after:.3f} at delta {config.dp_delta:g}, over "
-                f"epsilon_budget {config.epsilon_budget:g}; it trains no more rounds of this run")
-        return after
+        return within_budget(self.spends(run_id), spend, config, f"run {echo(run_id)!r}")
 
     def record(self, run_id: str, spend: Spend) -> List[Spend]:
         """Add `spend` to the run's ledger, durably; the ledger as it now stands."""
@@ -289,6 +282,25 @@ class Ledger:
             raise WorkerStateError(f"{STATE_DIR_SETTING}: cannot keep the privacy ledger in {self.folder}: {exc}; "
                                    f"give {STATE_DIR_SETTING} a folder this user may write") from None
         return spends
+
+
+def within_budget(spent: Sequence[Spend], spend: Spend, config: TrainConfig, run: str) -> float:
+    """The epsilon after `spend` on top of `spent`; PrivacyBudgetExhausted when that is
+    over config.epsilon_budget (0: no budget)."""
+    after = epsilon_of([*spent, spend], config.dp_delta)
+    if config.epsilon_budget and after > config.epsilon_budget:
+        before = epsilon_of(spent, config.dp_delta)
+        raise PrivacyBudgetExhausted(
+            f"{PrivacyBudgetExhausted.MARKER} spent: round {spend.round} would take this worker's epsilon for "
+            f"{run} from {before:.3f} to {after:.3f} at delta {config.dp_delta:g}, over epsilon_budget "
+            f"{config.epsilon_budget:g}; it trains no more rounds of this run")
+    return after
+
+
+def takes_private_seed(task: object) -> bool:
+    """Whether `task.train` accepts `private_seed` (a simulation passes it so it replays)."""
+    parameters = inspect.signature(task.train).parameters.values()  # type: ignore[attr-defined]
+    return any(p.name == "private_seed" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def describe(config: TrainConfig) -> str:
