@@ -23,7 +23,7 @@ from coordinator.initial_weights import Start
 from coordinator.roster import Roster
 from coordinator.settings import MAX_PAYLOAD_BYTES, RunSettings
 from coordinator.strategies.base import Accumulator, Contribution
-from jetfed import codec, stream, tls
+from jetfed import codec, privacy, stream, tls
 from jetfed.auth import bearer_metadata
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
@@ -492,6 +492,10 @@ class Federation:
         another coordinator's run holds it, that is the news, not the quorum: each
         refusal names both runs. `failed` is the last attempt's, which asked everyone."""
         settings = self.settings
+        if failed and all(privacy.refused_for_budget(reason) for reason in failed.values()):
+            return (f"round {round_number}: every worker asked has spent its privacy budget "
+                    f"(--dp-epsilon-budget {settings.train.epsilon_budget:g} at delta {settings.train.dp_delta:g}); "
+                    "the run stops here: " + "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
         if failed and all(refused_by_another_run(reason) for reason in failed.values()):
             return (f"round {round_number}: another coordinator is driving these workers, and they refuse this run "
                     f"(run {self._run_id}): " + "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
@@ -589,10 +593,13 @@ class Federation:
             "updates": {
                 u.worker: {"num_examples": u.num_examples, "mean_loss": u.mean_loss,
                            "train_seconds": u.train_seconds, "device": u.device, "delta_norm": norms[u.worker],
-                           **u.traffic()}
+                           **u.traffic(), **({"epsilon": u.epsilon, "delta": u.delta} if u.epsilon else {})}
                 for u in updates
             },
         })
+        if settings.train.private:  # DP-SGD: each worker's cumulative epsilon for the run, after this round
+            record["privacy"] = {"delta": settings.train.dp_delta, "epsilon": {u.worker: u.epsilon for u in updates},
+                                 "max_epsilon": max(u.epsilon for u in updates)}
         return record
 
     async def label_groups(self) -> List[report.LabelGroup]:
