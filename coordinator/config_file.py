@@ -28,6 +28,8 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
     "training": {
         "optimizer": str, "lr": float, "lr_decay": float, "lr_min_factor": float, "momentum": float,
         "batch_size": int, "batches": int, "epochs": int, "weighting": str, "max_norm_ratio": float,
+        # DP-SGD on the workers (jetfed.privacy): all 0 is plain training.
+        "dp_noise_multiplier": float, "dp_max_grad_norm": float, "dp_delta": float, "dp_epsilon_budget": float,
     },
     "faults": {
         "round_timeout": float, "eval_timeout": float, "connect_timeout": float, "min_workers": WorkerCount,
