@@ -325,3 +325,42 @@ def payload_bytes(spec: Tuple[TensorInfo, ...]) -> int:
     sizes: Dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                              "BOOL": 1}
     return sum(sizes[t.dtype] * _numel(t.shape) for t in spec)
+
+
+def chain_id(base_id: str, delta_sha256: str) -> str:
+    """The id of the weights a delta payload (SHA-256 `delta_sha256`) rebuilds from the
+    weights `base_id` names: both sides compute it from what crossed, no re-encoding."""
+    import hashlib
+
+    return hashlib.sha256(f"{base_id}+{delta_sha256}".encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Held:
+    """Weights a peer holds, by id: a full payload's SHA-256, or `chain_id` of the
+    weights a delta was applied to and the delta's payload. A delta names its base by
+    this id (WeightManifest.base_sha256)."""
+
+    id: str
+    state: StateDict
+
+
+def received_weights(held: Optional[Held], content: str, encoding: Encoding, base_sha256: str, payload_sha256: str,
+                     received: Mapping[str, torch.Tensor], spec: Tuple[TensorInfo, ...]) -> Held:
+    """The whole weights a checked payload carries, and their id: as received when full
+    and raw; else decoded and, for a delta, added to `held` (which must be the base it
+    names: UnknownBase otherwise)."""
+    if content == FULL and encoding.is_raw:
+        return Held(payload_sha256, dict(received))
+    tensors = decode(received, spec, encoding)
+    if content == FULL:
+        return Held(payload_sha256, tensors)
+    if held is None or held.id != base_sha256:
+        raise UnknownBase(f"manifest.base_sha256: a delta from weights '{base_sha256[:16]}', which this peer does "
+                          "not hold; send full weights")
+    return Held(chain_id(held.id, payload_sha256), apply_delta(held.state, tensors))
+
+
+class UnknownBase(ManifestMismatch):
+    """A delta from weights the receiver does not hold (FAILED_PRECONDITION): the
+    sender falls back to full weights."""

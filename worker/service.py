@@ -98,6 +98,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._scaffold_spec = scaffold.train_spec(self._model.state_dict())
         self._controls = control_store
         self._ledger = ledger
+        # The global model of the last Train, whole, by id: what a delta from the
+        # coordinator (WeightManifest content DELTA) is added to. In memory only: a
+        # restarted worker refuses a delta, and its coordinator sends full weights.
+        self._holding: Optional[compression.Held] = None
         self._residuals = residual_store or ResidualStore(
             control_store.folder if control_store is not None else None, task.model_name)
         self._task_takes_controls = scaffold.takes_controls(task)
@@ -131,13 +135,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             held, head, manifest, payload = await self._receive(request_iterator, context)
             try:
                 config = wire.config_from_proto(head.config)
-                state = codec.decode_finite(manifest, payload, payload.sha256)
+                received = codec.decode_finite(manifest, payload, payload.sha256)
+                holding = compression.received_weights(
+                    self._holding, manifest.content, compression.Encoding(manifest.encoding, manifest.topk_fraction),
+                    manifest.base_sha256, manifest.sha256, received,
+                    self._scaffold_spec if config.scaffold else self._spec,
+                )
+                codec.require_finite(holding.state)
+                self._holding = holding
+                state = holding.state
                 state, server_control = scaffold.split_controls(state) if config.scaffold else (state, None)
                 seed = derive_seed(config.seed, head.round, self._name)
                 outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed, server_control)
                 outcome = await self._as_slower_board(head.round, outcome, compute_seconds)
                 result_manifest, result_payload, residual = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._encoded_result, held, head, config, state, manifest, outcome,
+                    self._executor, self._encoded_result, held, head, config, state, holding.id, outcome,
                 )
                 epsilon = await self._spend_privacy(held, head, config, outcome) if config.private else 0.0
                 for message in self._result_messages(head, outcome, result_manifest, result_payload, epsilon):
@@ -234,7 +246,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if carries_controls and not scaffold_round:
             raise ManifestMismatch(f"manifest.tensors: {CONTROL_PREFIX} tensors (SCAFFOLD's server control variate) "
                                    "come only with config.scaffold; set it, or send the model alone")
-        codec.check_manifest(manifest, self._model_name, self._scaffold_spec if scaffold_round else self._spec)
+        spec = self._scaffold_spec if scaffold_round else self._spec
+        if manifest.content == compression.DELTA and (self._holding is None
+                                                      or self._holding.id != manifest.base_sha256):
+            raise compression.UnknownBase(
+                f"manifest.base_sha256: a delta from weights '{manifest.base_sha256[:16]}' (round "
+                f"{manifest.base_round}), but this worker holds "
+                f"{repr(self._holding.id[:16]) if self._holding else 'none'}; send full weights")
+        encoding = compression.Encoding(manifest.encoding, manifest.topk_fraction)
+        codec.check_manifest(manifest, self._model_name, compression.payload_spec(spec, encoding))
 
     async def _train_until_abandoned(
         self, held: Round, state: codec.StateDict, config: TrainConfig, seed: int,
@@ -293,11 +313,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _encoded_result(
         self, held: Round, head: worker_pb2.TrainHeader, config: TrainConfig, base: codec.StateDict,
-        received: codec.Manifest, outcome: TrainOutcome,
+        base_id: str, outcome: TrainOutcome,
     ) -> Tuple[codec.Manifest, codec.Payload, Optional[codec.StateDict]]:
         """The result's manifest and payload as config.uplink_encoding asks: the full
         weights (raw), or their difference from `base` (the model this Train carried,
-        whose payload `received` describes) encoded; with top-k, also the residual to
+        whose id is `base_id`) encoded; with top-k, also the residual to
         keep once the result is sent (None otherwise)."""
         encoding = compression.Encoding.parse(config.uplink_encoding)
         if encoding.is_raw:
@@ -308,7 +328,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         manifest, payload = codec.encode(encoded.payload, self._model_name)
         manifest = dataclasses.replace(
             manifest, content=compression.DELTA, encoding=encoding.kind, topk_fraction=encoding.fraction,
-            base_sha256=received.sha256, base_round=head.round,
+            base_sha256=base_id, base_round=head.round,
         )
         return manifest, payload, encoded.residual
 
