@@ -16,7 +16,6 @@ import numpy as np
 
 from jetfed.secagg.errors import AggregateOutOfRange, SecAggConfigError
 
-MODULUS = 1 << 32
 DEFAULT_HEADROOM_BITS = 4
 
 
@@ -81,10 +80,8 @@ class FixedPoint:
         return flat.astype(np.int64).astype(np.uint32)  # integer casts wrap: two's complement mod 2^32
 
     def to_signed(self, total: np.ndarray) -> np.ndarray:
-        """A uint32 sum read as signed 32-bit integers (int64 array)."""
-        signed = np.asarray(total, dtype=np.uint32).astype(np.int64)
-        signed[signed >= 1 << 31] -= MODULUS
-        return signed
+        """A uint32 sum read as signed 32-bit integers (two's complement, no copy)."""
+        return np.ascontiguousarray(total, dtype=np.uint32).view(np.int32)
 
     def decode_sum(self, total: np.ndarray, workers: int) -> np.ndarray:
         """The float64 sum of `workers` inputs from their uint32 sum; a coordinate
@@ -92,7 +89,7 @@ class FixedPoint:
         self.check_capacity(workers)
         signed = self.to_signed(total)
         bound = workers * self.per_worker_bound
-        outside = int(np.count_nonzero(np.abs(signed) > bound))
+        outside = int(np.count_nonzero((signed > bound) | (signed < -bound)))
         if outside:
             raise AggregateOutOfRange(f"secagg: {outside} of {signed.size} coordinates of the sum of {workers} "
                                       f"inputs exceed {workers} x clip {self.clip}: a worker sent a vector "
