@@ -191,7 +191,7 @@ class SecAggServer:
             raise BelowThreshold(f"secagg: round {round_number}: {len(survivors)} masked inputs, fewer than the "
                                  f"threshold {self.threshold}; the round fails and nothing is revealed")
         for lost in dropped:
-            holders = [w for w in survivors if w in self._key_shares[lost]]
+            holders = [w for w in survivors if self._holds(lost, w)]
             if len(holders) < self.threshold:
                 self._round = None
                 raise BelowThreshold(f"secagg: round {round_number}: {lost!r} dropped and only {len(holders)} "
@@ -202,7 +202,7 @@ class SecAggServer:
         for holder in survivors:
             addressed = [s for w in survivors if w != holder for s in current.self_shares[w]
                          if s.holder == holder]
-            addressed += [self._key_shares[lost][holder] for lost in dropped if holder in self._key_shares[lost]]
+            addressed += [self._key_shares[lost][holder] for lost in dropped if self._holds(lost, holder)]
             requests[holder] = UnmaskRequest(round_number=round_number, survivors=survivors, dropped=dropped,
                                              shares=tuple(addressed))
         if dropped:
@@ -227,7 +227,7 @@ class SecAggServer:
             expected = SELF_MASK if share.owner in current.survivors else MASK_KEY
             if (share.owner not in current.epochs or share.kind != expected or share.x != index
                     or (share.owner, share.kind) in seen
-                    or (share.kind == MASK_KEY and message.worker not in self._key_shares.get(share.owner, {}))):
+                    or (share.kind == MASK_KEY and not self._holds(share.owner, message.worker))):
                 raise ProtocolViolation(f"secagg: {message.worker!r} revealed an unexpected {share.kind} share of "
                                         f"{share.owner!r}")
             shares.decode_share(share.y)
@@ -293,6 +293,12 @@ class SecAggServer:
                 return secret
         raise ProtocolViolation(f"secagg: the shares of {owner!r}'s {what} do not reconstruct it (a holder sent a "
                                 "wrong share); the round fails")
+
+    def _holds(self, owner: str, holder: str) -> bool:
+        """Whether `holder` can open its share of `owner`'s mask key: it has one, sealed
+        to the channel key it still has (a holder that re-keyed cannot open old shares)."""
+        share = self._key_shares.get(owner, {}).get(holder)
+        return share is not None and share.holder_epoch == self._members[holder].epoch
 
     def _member(self, worker: str) -> Member:
         member = self._members.get(worker)

@@ -360,3 +360,18 @@ def test_a_late_input_of_a_dropped_worker_stays_hidden_behind_its_self_mask():
     assert chi_square_of_bytes(late) < 400 < chi_square_of_bytes(encoded)
     plain = server.fixed_point.to_signed(encoded).astype(np.float64)
     assert abs(np.corrcoef(server.fixed_point.to_signed(late).astype(np.float64), plain)[0, 1]) < 0.03
+
+
+def test_a_rekeyed_worker_is_not_asked_for_shares_sealed_to_its_old_key():
+    server, clients = fleet(5, 3)
+    run_round(server, clients, 1, updates(list(clients), seed=16), drop_masking=["w04"])
+    clients["w04"] = SecAggClient("w04", run_id=RUN, fixed_point=server.fixed_point, epoch=2)
+    server.receive_advertisement(clients["w04"].advertise())
+    roster = server.roster()
+    for client in clients.values():
+        client.receive_roster(roster)
+    server.receive_key_shares(clients["w04"].share_keys())
+    inputs = updates(list(clients), seed=17)
+    result = run_round(server, clients, 2, inputs, drop_masking=["w00"])
+    assert result.survivors == ("w01", "w02", "w03", "w04")
+    assert np.array_equal(result.total, plaintext_sum(server.fixed_point, [inputs[w] for w in result.survivors]))
