@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import grpc
@@ -73,6 +73,8 @@ class Weights:
     payload: codec.Payload
     state: StateDict
     _chunks: Dict[int, wire.SerializedChunks] = field(default_factory=dict, compare=False, repr=False)
+    _deltas: Dict[Tuple[str, compression.Encoding, int], "Downlink"] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, state: StateDict, model: str) -> "Weights":
@@ -87,6 +89,53 @@ class Weights:
 
     def cached_chunks(self, chunk_bytes: int) -> Optional[wire.SerializedChunks]:
         return self._chunks.get(chunk_bytes)
+
+    def held(self) -> compression.Held:
+        """These weights as a worker holds them once sent whole."""
+        return compression.Held(self.manifest.sha256, self.state)
+
+    def delta_from(self, base: compression.Held, encoding: compression.Encoding, chunk_bytes: int) -> "Downlink":
+        """These weights as a delta from `base`, encoded, and what a worker holding
+        `base` holds once it has applied it. Made once per base, encoding and chunk
+        size (the workers of a round mostly hold the same base: one shared object),
+        the newest few kept."""
+        key = (base.id, encoding, chunk_bytes)
+        if key not in self._deltas:
+            payload_state = compression.encode(compression.delta(self.state, base.state), encoding)
+            manifest, payload = codec.encode(payload_state, self.manifest.model)
+            manifest = replace(manifest, content=compression.DELTA, encoding=encoding.kind,
+                               topk_fraction=encoding.fraction, base_sha256=base.id)
+            holding = compression.received_weights(base, compression.DELTA, encoding, base.id, manifest.sha256,
+                                                   payload_state, codec.spec_of(self.state))
+            while len(self._deltas) >= MAX_DELTAS_KEPT:
+                del self._deltas[next(iter(self._deltas))]
+            self._deltas[key] = Downlink(manifest, wire.serialized_chunks(payload, chunk_bytes), holding)
+        return self._deltas[key]
+
+
+def downlink_for(weights: Weights, holding: Optional[compression.Held], encoding: compression.Encoding,
+                 chunk_bytes: int) -> Downlink:
+    """What a Train sends a worker that holds `holding` (None: nothing known): the
+    global model whole, or as a delta from `holding` when the run's downlink encoding
+    is not raw and the worker's weights are of the same tensors."""
+    if (encoding.is_raw or holding is None or holding.id == weights.manifest.sha256
+            or codec.spec_of(holding.state) != weights.manifest.tensors):
+        return Downlink(weights.manifest, weights.chunks(chunk_bytes), weights.held())
+    return weights.delta_from(holding, encoding, chunk_bytes)
+
+
+# Downlink deltas a global model keeps (Weights.delta_from): the bases its workers hold.
+MAX_DELTAS_KEPT = 4
+
+
+@dataclass(frozen=True)
+class Downlink:
+    """A Train's payload as sent: its manifest, its serialized chunks, and the weights
+    the worker holds once it has them (the base of the update it answers with)."""
+
+    manifest: Manifest
+    chunks: wire.SerializedChunks
+    holding: compression.Held
 
 
 @dataclass(frozen=True)
@@ -143,17 +192,21 @@ def check_result_manifest(manifest: Manifest, model: str, spec: Tuple[TensorInfo
     codec.check_manifest(manifest, model, compression.payload_spec(spec, encoding))
 
 
-def rebuild(manifest: Manifest, payload: codec.Payload, received: StateDict, base: StateDict,
-            spec: Tuple[TensorInfo, ...], model: str, who: str) -> Weights:
-    """The whole trained weights a checked result carried: as received when full and
-    raw; else its tensors decoded (jetfed.compression) and, for a delta, added to
-    `base` (the weights the Train carried), proven finite and encoded whole, so the
-    strategies, the evaluator and checkpoints see full weights whatever travelled."""
-    if _plain(manifest):
+def rebuild(manifest: Manifest, payload: codec.Payload, received: StateDict, holding: compression.Held,
+            sent: Weights, spec: Tuple[TensorInfo, ...], model: str, who: str) -> Weights:
+    """The whole trained weights a checked result carried, as the strategies must see
+    them: the global model `sent` plus what the worker's training changed. The worker
+    trained from `holding` (the global model itself, or what a lossy downlink delta
+    rebuilt); its change is added to `sent`, so what the downlink did not carry stays
+    in the global model (and goes in the next round's delta) instead of being lost.
+    Full raw weights trained from `sent` itself are taken as they are."""
+    exact = holding.id == sent.manifest.sha256
+    if manifest.content == compression.FULL and manifest.encoding == compression.RAW and exact:
         return Weights(manifest, payload, received)
     tensors = compression.decode(received, spec, compression.Encoding(manifest.encoding, manifest.topk_fraction))
-    if manifest.content == compression.DELTA:
-        tensors = compression.apply_delta(base, tensors)
+    if manifest.content == compression.FULL:
+        tensors = compression.delta(tensors, holding.state)
+    tensors = compression.apply_delta(sent.state, tensors)
     codec.require_finite(tensors, who)
     return Weights.of(tensors, model)
 
@@ -234,6 +287,10 @@ class WorkerClient:
         self.run_id = run_id
         self.address = address
         self._expected: Optional[Tuple[str, Tuple[TensorInfo, ...], int]] = None
+        # --downlink-encoding, and the weights this worker holds after its last
+        # successful Train: a round then sends the global model as a delta from them.
+        self._downlink = compression.RAW_ENCODING
+        self._holding: Optional[compression.Held] = None
         self._chunk_bytes = chunk_bytes
         self._telemetry = telemetry or Telemetry()
         self._metadata = metadata
@@ -241,15 +298,22 @@ class WorkerClient:
         self._channel = _channel(address, credentials)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         # Train as the stub's, but writing the global model's serialized chunks as they are.
-        self._train = self._channel.stream_stream(
+        self._train_call = self._channel.stream_stream(
             TRAIN_METHOD, request_serializer=wire.pass_serialized,
             response_deserializer=worker_pb2.TrainResponse.FromString,
         )
 
-    def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
+    def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int,
+               downlink: compression.Encoding = compression.RAW_ENCODING) -> None:
         """The run's model, once known: every Train result must be weights of `model`
-        with exactly `spec`, no larger than `max_payload_bytes`."""
+        with exactly `spec`, no larger than `max_payload_bytes`. With a `downlink`
+        encoding other than raw, the global model goes as a delta from the one this
+        worker holds (its last successful Train's), full when there is none."""
         self._expected = (model, spec, max_payload_bytes)
+        self._downlink = downlink
+
+    def _downlink_of(self, weights: Weights) -> Downlink:
+        return downlink_for(weights, self._holding, self._downlink, self._chunk_bytes)
 
     async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
         """With `wait`, waits for the worker to come up, within `timeout`."""
@@ -279,6 +343,23 @@ class WorkerClient:
         return Weights(manifest, payload, state)
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
+        """One round on this worker. A delta the worker cannot apply (it restarted, or
+        missed a Train) is refused FAILED_PRECONDITION at its header, and the round is
+        asked again at once with full weights."""
+        sending = self._downlink_of(weights)
+        self._holding = None  # until this Train succeeds: a failed one leaves the worker's unknown
+        try:
+            update = await self._train(round_number, config, weights, sending, timeout)
+        except Failure as failure:
+            if sending.manifest.content != compression.DELTA or "manifest.base_sha256" not in failure.detail:
+                raise
+            sending = Downlink(weights.manifest, weights.chunks(self._chunk_bytes), weights.held())
+            update = await self._train(round_number, config, weights, sending, timeout)
+        self._holding = sending.holding
+        return update
+
+    async def _train(self, round_number: int, config: TrainConfig, weights: Weights, sending: Downlink,
+                     timeout: float) -> Update:
         if self._expected is None:
             raise RuntimeError(f"worker {self.name}: train before expect (the run's model is not known yet)")
         model, spec, max_payload_bytes = self._expected
@@ -286,14 +367,14 @@ class WorkerClient:
         head = worker_pb2.TrainRequest(
             header=worker_pb2.TrainHeader(
                 round=round_number, config=wire.config_to_proto(config),
-                manifest=wire.manifest_to_proto(weights.manifest), run_id=self.run_id,
+                manifest=wire.manifest_to_proto(sending.manifest), run_id=self.run_id,
             )
         )
 
         def check_result(result: worker_pb2.TrainResult, manifest: Manifest) -> None:
             if result.round != round_number:
                 raise BadStream(f"result.round: worker {self.name} answered for round {result.round}, not {round_number}")
-            check_result_manifest(manifest, model, spec, asked, weights.manifest.sha256, self.name)
+            check_result_manifest(manifest, model, spec, asked, sending.holding.id, self.name)
             if config.private and not (math.isfinite(result.epsilon) and result.epsilon > 0
                                        and result.delta == config.dp_delta):
                 raise BadStream(f"result.epsilon: worker {self.name} answered a DP-SGD round with epsilon "
@@ -301,22 +382,20 @@ class WorkerClient:
                                 f"{config.dp_delta:g}: it did not apply DP (a worker older than DP-SGD?); upgrade it")
 
         with _border():
-            call = self._train(timeout=timeout, metadata=self._metadata)
-            messages = wire.serialized_messages(
-                head, weights.chunks(self._chunk_bytes), self._telemetry.on_bytes_sent("Train"),
-            )
+            call = self._train_call(timeout=timeout, metadata=self._metadata)
+            messages = wire.serialized_messages(head, sending.chunks, self._telemetry.on_bytes_sent("Train"))
             await _send(call, messages, self._guarded)
             result, manifest, payload = await wire.read_weight_stream(
                 call, "result", max_payload_bytes, check_head=check_result,
                 on_bytes=self._telemetry.on_bytes_received("Train"),
             )
             received = codec.decode_finite(manifest, payload, payload.sha256, who=self.name)
-            trained = rebuild(manifest, payload, received, weights.state, spec, model, self.name)
+            trained = rebuild(manifest, payload, received, sending.holding, weights, spec, model, self.name)
         return Update(
             worker=self.name, weights=trained, num_examples=result.num_examples,
             mean_loss=result.mean_loss, train_seconds=result.train_seconds, device=result.device,
-            bytes_down=weights.manifest.total_bytes, bytes_up=manifest.total_bytes,
-            raw_up=trained.manifest.total_bytes, epsilon=result.epsilon, delta=result.delta,
+            bytes_down=sending.manifest.total_bytes, bytes_up=manifest.total_bytes,
+            raw_down=weights.manifest.total_bytes, raw_up=trained.manifest.total_bytes, epsilon=result.epsilon, delta=result.delta,
         )
 
     async def end_run(self, timeout: float) -> bool:

@@ -23,7 +23,7 @@ from coordinator.initial_weights import Start
 from coordinator.roster import Roster
 from coordinator.settings import MAX_PAYLOAD_BYTES, RunSettings
 from coordinator.strategies.base import Accumulator, Contribution
-from jetfed import codec, privacy, stream, tls
+from jetfed import codec, compression, privacy, stream, tls
 from jetfed.auth import bearer_metadata
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
@@ -133,6 +133,8 @@ class Federation:
         self._run_id = secrets.token_hex(8)
         # What every Train result must be (WorkerClient.expect), once the fleet has answered.
         self._expected: Optional[Tuple[str, Tuple[Any, ...], int]] = None
+        # How the global model travels to a worker that holds an earlier one (jetfed.compression).
+        self._downlink = compression.Encoding.parse(settings.downlink_encoding, "downlink_encoding")
         if fleet is None:
             self.workers: Dict[str, Any] = {name: self._client(name, address)
                                             for name, address in settings.workers.items()}
@@ -164,7 +166,7 @@ class Federation:
         old = self.workers.get(name)
         self.workers[name] = client = self._client(name, address)
         if self._expected is not None:
-            client.expect(*self._expected)
+            client.expect(*self._expected, downlink=self._downlink)
         self._infos.pop(name, None)
         self.roster.add(name)
         self.board.workers[name] = WorkerView(name, address)
@@ -284,7 +286,7 @@ class Federation:
         max_payload = self.settings.max_payload_bytes or stream.payload_limit(codec.payload_size_range(spec)[1])
         self._expected = (fleet.model, spec, max_payload)
         for worker in self.workers.values():
-            worker.expect(*self._expected)
+            worker.expect(*self._expected, downlink=self._downlink)
         self._weights = weights
         return source
 

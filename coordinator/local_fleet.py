@@ -11,18 +11,20 @@ never loads (tests/unit/test_coordinator_imports.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from coordinator.clients import Score, Update, Weights
+from coordinator.clients import Downlink, Score, Update, Weights, downlink_for, rebuild
 from coordinator.failures import Failure
 from jetfed import codec, compression, privacy, scaffold
 from jetfed.codec import StateDict
 from jetfed.codec import TensorInfo
 from jetfed.config import TrainConfig
 from jetfed.scaffold import ControlVariates
+from jetfed.stream import DEFAULT_CHUNK_BYTES
 from jetfed.scoring import task_info
 from jetfed.tasks.base import Examples, Task
 from jetfed.training import derive_seed
@@ -75,6 +77,10 @@ class LocalWorker:
         # Top-k's error-feedback residual by the round that left it, in memory (a board
         # keeps it in --state-dir, worker.residual), used as the board uses it.
         self._residuals: Dict[int, StateDict] = {}
+        # As coordinator.clients.WorkerClient: the downlink encoding and what this
+        # worker holds after its last Train (a board holds the same).
+        self._downlink = compression.RAW_ENCODING
+        self._holding: Optional[compression.Held] = None
         # DP-SGD's spends this run, in memory (a board keeps them in --state-dir,
         # jetfed.privacy.Ledger), refused over the budget as the board refuses them.
         self._spends: List[privacy.Spend] = []
@@ -88,8 +94,11 @@ class LocalWorker:
         self._controls = {newest: self._controls[newest]}  # a re-run round's later c_i goes
         return self._controls[newest]
 
-    def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int) -> None:
-        """Nothing to check: the weights never leave the process."""
+    def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int,
+               downlink: compression.Encoding = compression.RAW_ENCODING) -> None:
+        """Nothing to check (the weights never leave the process); the downlink
+        encoding is applied as a board's client applies it."""
+        self._downlink = downlink
 
     async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
         return self._trainer.info(self.name, "worker", self.data)
@@ -105,69 +114,58 @@ class LocalWorker:
         return Weights.of(state, self._trainer.task.model_name)
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
-        return await self._trainer.run(self._train, round_number, config, weights)
+        sending = downlink_for(weights, self._holding, self._downlink, DEFAULT_CHUNK_BYTES)
+        self._holding = None
+        update = await self._trainer.run(self._train, round_number, config, weights, sending)
+        self._holding = sending.holding
+        return update
 
-    def _train(self, round_number: int, config: TrainConfig, weights: Weights) -> Update:
+    def _train(self, round_number: int, config: TrainConfig, weights: Weights, sending: Downlink) -> Update:
+        """What a board does with what its client sends (worker.service.WorkerService.Train),
+        and what the client rebuilds of its answer (coordinator.clients.rebuild)."""
         trainer = self._trainer
-        state, server_control = scaffold.split_controls(weights.state) if config.scaffold else (weights.state, None)
+        held = sending.holding.state
+        state, server_control = scaffold.split_controls(held) if config.scaffold else (held, None)
         trainer.model.load_state_dict(state)
         extra = {}
         if server_control is not None:
             extra["controls"] = ControlVariates(server_control, self._client_control(round_number, server_control))
-        seed = derive_seed(config.seed, round_number, self.name)
-        spend = None
-        if config.private:
-            spend = self._check_budget(round_number, config)
-            if privacy.takes_private_seed(trainer.task):
-                extra["private_seed"] = privacy.private_seed(seed)  # a simulation replays
-        outcome = trainer.task.train(trainer.model, self.data, config, seed, **extra)
-        epsilon = 0.0
-        if spend is not None:
-            if not outcome.private:
-                raise privacy.PrivacyUnavailable(f"config.noise_multiplier: task {trainer.task.name}'s own training "
-                                                 "loop does not apply DP-SGD")
-            self._spends.append(spend)
-            epsilon = privacy.epsilon_of(self._spends, config.dp_delta)
+        outcome = trainer.task.train(trainer.model, self.data, config, derive_seed(config.seed, round_number, self.name),
+                                     **extra)
         if outcome.client_control is not None:
             self._controls[round_number] = outcome.client_control
-        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
-        trained, bytes_up = self._as_sent(round_number, config, state, weights)
+        trained_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
+        manifest, payload, received = self._result(round_number, config, trained_state, state, sending.holding.id)
+        model = trainer.task.model_name
+        trained = rebuild(manifest, payload, received, sending.holding, weights, codec.spec_of(trained_state), model,
+                          self.name)
         return Update(worker=self.name, weights=trained,
                       num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,
                       train_seconds=outcome.seconds, device=trainer.device_label,
-                      bytes_down=weights.manifest.total_bytes, bytes_up=bytes_up,
-                      raw_up=trained.manifest.total_bytes, epsilon=epsilon,
-                      delta=config.dp_delta if epsilon else 0.0)
+                      bytes_down=sending.manifest.total_bytes, bytes_up=manifest.total_bytes,
+                      raw_down=weights.manifest.total_bytes, raw_up=trained.manifest.total_bytes)
 
-    def _check_budget(self, round_number: int, config: TrainConfig) -> privacy.Spend:
-        """The round's spend, refused (as a board refuses it) over the budget."""
-        privacy.require_library()
-        spend = privacy.round_spend(round_number, config, len(self.data))
-        privacy.within_budget(self._spends, spend, config, "this run")
-        return spend
-
-    def _as_sent(self, round_number: int, config: TrainConfig, state: StateDict, weights: Weights) -> Tuple[Weights, int]:
-        """The trained weights as the coordinator rebuilds them from what a board sends
-        (config.uplink_encoding: the same encoding, residual and decoding, so a
-        simulation equals a real run), and the bytes the board's result would carry."""
+    def _result(self, round_number: int, config: TrainConfig, trained: StateDict, base: StateDict,
+                base_id: str) -> Tuple[codec.Manifest, codec.Payload, StateDict]:
+        """The result a board sends (config.uplink_encoding), with the tensors its
+        payload holds: the same encoding and top-k residual as worker.service's."""
         model = self._trainer.task.model_name
         encoding = compression.Encoding.parse(config.uplink_encoding)
         if encoding.is_raw:
-            whole = Weights.of(state, model)
-            return whole, whole.manifest.total_bytes
+            manifest, payload = codec.encode(trained, model)
+            return manifest, payload, trained
         owed = None
-        if encoding.kind == compression.TOPK:
-            earlier = [r for r in self._residuals if r < round_number]
-            owed = self._residuals[max(earlier)] if earlier else None
-        encoded = compression.encode_delta(state, weights.state, encoding, owed)
+        earlier = [r for r in self._residuals if r < round_number]
+        if encoding.kind == compression.TOPK and earlier:
+            owed = self._residuals[max(earlier)]
+        encoded = compression.encode_delta(trained, base, encoding, owed)
         if encoded.residual is not None:
-            earlier = [r for r in self._residuals if r < round_number]
             self._residuals = {max(earlier): self._residuals[max(earlier)]} if earlier else {}
             self._residuals[round_number] = encoded.residual
-        sent, _ = codec.encode(encoded.payload, model)
-        spec = codec.spec_of(state)
-        rebuilt = compression.apply_delta(weights.state, compression.decode(encoded.payload, spec, encoding))
-        return Weights.of(rebuilt, model), sent.total_bytes
+        manifest, payload = codec.encode(encoded.payload, model)
+        manifest = dataclasses.replace(manifest, content=compression.DELTA, encoding=encoding.kind,
+                                       topk_fraction=encoding.fraction, base_sha256=base_id, base_round=round_number)
+        return manifest, payload, encoded.payload
 
     async def end_run(self, timeout: float) -> bool:
         return True

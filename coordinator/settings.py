@@ -12,6 +12,7 @@ import grpc
 from coordinator.discovery import parse_target
 from coordinator.strategies.registry import StrategySpec
 from jetfed import stream
+from jetfed.compression import Encoding
 from jetfed.config import TrainConfig
 from jetfed.errors import InvalidConfig
 from jetfed.tls import TlsFiles
@@ -74,6 +75,11 @@ class RunSettings:
     # asking more workers than this folds each update into the step as it arrives
     # (federation.Federation._attempt), so the coordinator holds O(bound) updates.
     max_concurrency: int = 0
+    # How the global model goes to a worker that holds an earlier one: "raw" (whole,
+    # today's), or fp16, bf16, int8, int8-channel, topk:<fraction> as a delta from the
+    # model that worker got in its last successful round (jetfed.compression). How the
+    # workers answer is train.uplink_encoding.
+    downlink_encoding: str = "raw"
     resume: bool = False
     # Score every update on the evaluator, as the reference did (simulations of many
     # workers score only the global model).
@@ -152,6 +158,7 @@ class RunSettings:
             raise InvalidConfig(f"init_weights: {self.init_weights} is not a file; give a safetensors file "
                                 "(--init-weights), or leave it out to start from a worker's weights")
         self.train.validated()
+        Encoding.parse(self.downlink_encoding, "downlink_encoding")
         return self
 
     def lr_for(self, round_number: float) -> float:

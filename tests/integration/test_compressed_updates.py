@@ -123,3 +123,46 @@ def _refusal(address: str) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         asyncio.run(call())
     return refused.value
+
+
+def test_downlink_deltas_from_what_the_worker_holds(tiny_mnist: Path, tmp_path: Path) -> None:
+    """The global model goes as a top-k delta from the one the worker got last round;
+    the worker trains from what it rebuilt, and the coordinator adds the change that
+    training made to the exact global model. A worker that does not hold the base
+    refuses the delta, and gets the round again whole."""
+    config = TrainConfig(lr=0.1, batch_size=16, max_batches=3, seed=7)
+    first = Weights.of(global_model(), MODEL)
+    generator = torch.Generator().manual_seed(5)
+    second = Weights.of({n: t + 0.01 * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
+                         for n, t in global_model().items()}, MODEL)
+    (alice,) = start_workers(tmp_path, {"alice": tmp_path / "state"}, tiny_mnist)
+
+    async def scenario() -> tuple:
+        client = WorkerClient("alice", alice.address, 256 << 10, run_id=RUN)
+        plain = WorkerClient("alice", alice.address, 256 << 10, run_id=RUN)
+        client.expect(MODEL, codec.spec_of(first.state), 8 << 20, downlink=compression.Encoding.parse("topk:0.01"))
+        plain.expect(MODEL, codec.spec_of(first.state), 8 << 20)
+        try:
+            whole = await client.train(1, config, first, 60)
+            sparse = await client.train(2, config, second, 60)
+            rebuilt = client._holding
+            assert rebuilt is not None
+            reference = await plain.train(2, config, Weights.of(rebuilt.state, MODEL), 60)
+            client._holding = compression.Held("0" * 64, first.state)  # a base the worker does not hold
+            again = await client.train(3, config, second, 60)
+        finally:
+            await client.close()
+            await plain.close()
+        return whole, sparse, rebuilt, reference, again
+
+    try:
+        whole, sparse, rebuilt, reference, again = asyncio.run(scenario())
+    finally:
+        stopped([alice])
+    assert whole.bytes_down == first.manifest.total_bytes
+    assert 40 * sparse.bytes_down < second.manifest.total_bytes, sparse.bytes_down
+    assert sparse.traffic()["compression_ratio"] > 1.9
+    want = compression.apply_delta(second.state, compression.delta(reference.weights.state, rebuilt.state))
+    assert all(torch.equal(sparse.weights.state[n], want[n]) for n in want)
+    assert again.bytes_down == second.manifest.total_bytes  # refused as a delta, sent whole
+    assert "manifest.base_sha256" in alice.output()
