@@ -276,6 +276,14 @@ class SecAggServer:
         self._current(round_number, "abandon")
         self._round = None
 
+    def needs_rekey(self) -> Tuple[str, ...]:
+        """Keyed workers whose mask key fewer than `threshold` current members can open
+        (holders left, re-keyed or were burned): if such a worker dropped, its masks could
+        not be removed, so the driver asks it to re-key (S1 and S2 again) before it masks."""
+        usable = set(self.members())
+        return tuple(w for w in self.members()
+                     if sum(1 for h in usable if h != w and self._holds(w, h)) < self.threshold)
+
     def members(self) -> Tuple[str, ...]:
         """Workers that finished setup for their current epoch and are not burned."""
         return tuple(w for w in self._key_shares if w not in self._burned)

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jetfed.secagg import keys, masking, shares
 from jetfed.secagg.compat import check_aggregator
@@ -124,3 +126,16 @@ def test_mean_composes_and_scaffold_does_not():
     check_aggregator("mean")
     with pytest.raises(SecAggConfigError, match="SCAFFOLD"):
         check_aggregator("mean", control_variates=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64), st.floats(1e-3, 1e3), st.integers(0, 2**32 - 1))
+def test_any_fleet_within_capacity_sums_exactly_after_encoding(workers, clip, seed):
+    fp = FixedPoint.for_fleet(clip, workers)
+    rng = np.random.default_rng(seed)
+    inputs = rng.uniform(-1.5 * clip, 1.5 * clip, (workers, 64))
+    total = np.zeros(64, dtype=np.uint32)
+    for row in inputs:
+        np.add(total, fp.encode(row), out=total)
+    exact = np.rint(np.clip(inputs, -clip, clip) * fp.scale).sum(axis=0) / fp.scale
+    assert np.array_equal(fp.decode_sum(total, workers), exact)

@@ -375,3 +375,54 @@ def test_a_rekeyed_worker_is_not_asked_for_shares_sealed_to_its_old_key():
     result = run_round(server, clients, 2, inputs, drop_masking=["w00"])
     assert result.survivors == ("w01", "w02", "w03", "w04")
     assert np.array_equal(result.total, plaintext_sum(server.fixed_point, [inputs[w] for w in result.survivors]))
+
+
+def test_setup_messages_that_break_the_protocol_are_refused():
+    server, clients = fleet(3, 2)
+    stranger = SecAggClient("w09", run_id=RUN, fixed_point=server.fixed_point)
+    advert = clients["w00"].advertise()
+    with pytest.raises(ProtocolViolation, match="not after its epoch 1"):
+        server.receive_advertisement(advert)
+    with pytest.raises(ProtocolViolation, match="32 bytes"):
+        server.receive_advertisement(dataclasses.replace(stranger.advertise(), mask_public=b"short"))
+    with pytest.raises(ProtocolViolation, match="usable worker id"):
+        server.receive_advertisement(dataclasses.replace(stranger.advertise(), worker="a|b"))
+    fresh, clients = fleet_without_shares(3, 2)
+    good = clients["w00"].share_keys()
+    with pytest.raises(ProtocolViolation, match="has not advertised"):
+        fresh.receive_key_shares(dataclasses.replace(good, worker="w09"))
+    for bad, why in (
+            (dataclasses.replace(good, epoch=2), "epoch 2"),
+            (dataclasses.replace(good, shares=good.shares[:1]), "fewer than the threshold"),
+            (dataclasses.replace(good, shares=good.shares[:1] * 2), "malformed"),
+            (dataclasses.replace(good, shares=tuple(dataclasses.replace(s, kind=SELF_MASK) for s in good.shares)),
+             "malformed"),
+            (dataclasses.replace(good, shares=tuple(dataclasses.replace(s, owner="w01") for s in good.shares)),
+             "malformed")):
+        with pytest.raises(ProtocolViolation, match=why):
+            fresh.receive_key_shares(bad)
+    fresh.receive_key_shares(good)
+    with pytest.raises(ProtocolViolation, match="already shared its mask key"):
+        fresh.receive_key_shares(good)
+    with pytest.raises(ProtocolViolation, match="already shared its mask key"):
+        clients["w00"].share_keys()
+
+
+def fleet_without_shares(n: int, threshold: int):
+    fp = FixedPoint.for_fleet(1.0, 10)
+    server = SecAggServer(run_id=RUN, threshold=threshold, fixed_point=fp, length=LENGTH)
+    clients = {f"w{i:02d}": SecAggClient(f"w{i:02d}", run_id=RUN, fixed_point=fp) for i in range(n)}
+    for client in clients.values():
+        server.receive_advertisement(client.advertise())
+    roster = server.roster()
+    for client in clients.values():
+        client.receive_roster(roster)
+    return server, clients
+
+
+def test_a_worker_whose_key_holders_fall_below_the_threshold_is_named_for_rekeying():
+    server, clients = fleet(5, 3)
+    assert server.needs_rekey() == ()
+    run_round(server, clients, 1, updates(list(clients), seed=18), drop_masking=["w03", "w04"])
+    # w00..w02 each have 2 usable holders left (w03, w04 are burned): below t = 3
+    assert server.needs_rekey() == ("w00", "w01", "w02")
