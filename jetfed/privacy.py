@@ -45,7 +45,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import torch
@@ -162,37 +162,148 @@ class PrivateGradients:
     """DP-SGD's gradient for one model: forward through it with `forward`, backward the
     task's (mean-reduced) loss, then `privatize` replaces every trained parameter's
     .grad with the clipped, noised mean over the expected batch size. `close` removes
-    the hooks, leaving the model as it was."""
+    the hooks, leaving the model as it was.
 
-    def __init__(self, model: nn.Module, config: TrainConfig, dataset_size: int, generator: torch.Generator) -> None:
+    A model whose trained layers are all Linear (on (B, features) inputs) and Conv2d
+    (groups 1) takes the book-keeping path (`_BookKeeping`, as in Bu et al. 2022):
+    each layer's input and output gradient are kept, a Linear layer's per-example norms
+    come from them without ever forming its B per-example gradients, and its clipped
+    sum is one matmul. mnist-cnn is such a model (fc1's 400,000 weights a copy per
+    example were most of a step). Any other model takes Opacus's per-sample gradients."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, dataset_size: int, generator: torch.Generator,
+                 *, book_keeping: bool = True) -> None:
         _opacus()
-        from opacus import GradSampleModule
-
-        self._wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._config = config
         self._expected = sample_rate(config, dataset_size) * dataset_size
         self._generator = generator
+        self._book: Optional[_BookKeeping] = _BookKeeping.of(model) if book_keeping else None
+        self._module: nn.Module = model
+        if self._book is None:
+            from opacus import GradSampleModule
+
+            self._module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self._wrapped(inputs)
+        return self._module(inputs)
 
     def privatize(self, examples: int) -> None:
         """The step's gradient from the per-example ones the backward pass left (none
         when the Poisson sample was empty: then the noise alone)."""
         config = self._config
-        if examples:
-            per_example = [p.grad_sample for p in self._params]
+        if not examples:
+            summed = [torch.zeros_like(p) for p in self._params]
+        elif self._book is not None:
+            summed = self._book.clipped_sum(self._params, config.max_grad_norm)
         else:
-            per_example = [torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for p in self._params]
-        noisy = add_noise(clipped_sum(per_example, config.max_grad_norm), config.noise_multiplier,
-                          config.max_grad_norm, self._generator)
+            summed = clipped_sum([p.grad_sample for p in self._params], config.max_grad_norm)
+        noisy = add_noise(summed, config.noise_multiplier, config.max_grad_norm, self._generator)
         for p, g in zip(self._params, noisy):
             p.grad = (g / self._expected).to(p.dtype)
-            p.grad_sample = None
+            if self._book is None:
+                p.grad_sample = None
 
     def close(self) -> None:
-        self._wrapped._close()
+        if self._book is not None:
+            self._book.close()
+        else:
+            self._module._close()  # type: ignore[operator]
+
+
+class _BookKeeping:
+    """Each trained layer's input and output gradient, kept by hooks, and from them the
+    per-example clipped sum of every parameter's gradient (see PrivateGradients). The
+    task's loss is a mean over the batch: the gradients that reach a layer are 1/B of
+    each example's, so they are scaled back by B."""
+
+    def __init__(self, layers: List[nn.Module]) -> None:
+        self._layers = layers
+        self._inputs: Dict[nn.Module, torch.Tensor] = {}
+        self._grads: Dict[nn.Module, torch.Tensor] = {}
+        self._handles = []
+        for layer in layers:
+            self._handles.append(layer.register_forward_hook(self._keep_input))
+            self._handles.append(layer.register_full_backward_hook(self._keep_grad))
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Optional["_BookKeeping"]:
+        """The book-keeping of `model`, or None when a trained layer is of another kind."""
+        layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d) and layer.groups == 1 and isinstance(layer.padding, tuple):
+                continue
+            if isinstance(layer, nn.Linear):
+                continue
+            return None
+        return cls(layers)
+
+    def _keep_input(self, layer: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self._inputs[layer] = inputs[0].detach()
+
+    def _keep_grad(self, layer: nn.Module, grad_input: Tuple[Any, ...], grad_output: Tuple[torch.Tensor, ...]) -> None:
+        self._grads[layer] = grad_output[0].detach()
+
+    def clipped_sum(self, params: List[nn.Parameter], max_norm: float) -> List[torch.Tensor]:
+        """One tensor per parameter of `params` (in order): the sum over the batch of
+        each example's gradient scaled to L2 norm at most `max_norm`."""
+        parts: Dict[int, Any] = {}
+        squares: Optional[torch.Tensor] = None
+        for layer in self._layers:
+            x, g = self._inputs.pop(layer), self._grads.pop(layer)
+            g = g * g.shape[0]
+            if isinstance(layer, nn.Linear) and x.dim() == 2:
+                norms = x.pow(2).sum(1).double() * g.pow(2).sum(1).double()
+                parts[id(layer.weight)] = ("linear", x, g)
+                if layer.bias is not None:
+                    norms = norms + g.pow(2).sum(1).double()
+                    parts[id(layer.bias)] = ("bias", g)
+            else:
+                per_example = self._per_example(layer, x, g)
+                norms = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+                for param, grad in per_example:
+                    norms = norms + torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).double().pow(2)
+                    parts[id(param)] = ("dense", grad)
+            squares = norms if squares is None else squares + norms
+        assert squares is not None
+        factor = (max_norm / (squares.sqrt() + 1e-12)).clamp(max=1.0)
+        out = []
+        for param in params:
+            part = parts[id(param)]
+            c = factor.to(param.dtype)
+            if part[0] == "linear":
+                out.append((part[2] * c[:, None]).t() @ part[1])
+            elif part[0] == "bias":
+                out.append(c @ part[1])
+            else:
+                out.append((c @ part[1].reshape(part[1].shape[0], -1)).reshape(param.shape))
+        return out
+
+    @staticmethod
+    def _per_example(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+        """Each example's gradient of the layer's parameters, formed: a convolution's
+        (small beside a linear layer's) by unfolding its input, or a Linear layer's on
+        inputs with more than two dimensions."""
+        batch = g.shape[0]
+        if isinstance(layer, nn.Conv2d):
+            cols = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            grads = g.reshape(batch, g.shape[1], -1)
+            out = [(layer.weight, torch.einsum("bol,bil->boi", grads, cols).reshape(batch, *layer.weight.shape))]
+            if layer.bias is not None:
+                out.append((layer.bias, grads.sum(2)))
+            return out
+        assert isinstance(layer, nn.Linear)
+        xs, gs = x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+        out = [(layer.weight, torch.einsum("bto,bti->boi", gs, xs))]
+        if layer.bias is not None:
+            out.append((layer.bias, gs.sum(1)))
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._inputs.clear()
+        self._grads.clear()
 
 
 # The accountant.
@@ -212,7 +323,10 @@ class Spend:
 def epsilon_of(spends: Iterable[Spend], delta: float) -> float:
     """The epsilon at `delta` that the RDP accountant gives for all of `spends`
     composed; 0 when there are none."""
-    history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in spends if s.steps]
+    steps: Dict[Tuple[float, float], int] = {}
+    for s in spends:  # RDP adds up over steps: equal mechanisms are one entry, whatever the rounds
+        steps[(s.noise_multiplier, s.sample_rate)] = steps.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
+    history = [(sigma, q, k) for (sigma, q), k in steps.items() if k]
     if not history:
         return 0.0
     _opacus()

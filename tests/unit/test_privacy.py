@@ -43,35 +43,45 @@ def per_example_norms(grads: list) -> torch.Tensor:
     return torch.stack([g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in grads]).sum(0).sqrt()
 
 
-def test_per_example_gradients_are_each_examples_own_and_clipping_bounds_every_one() -> None:
+def each_examples_gradient(model: nn.Module, data: TensorExamples) -> list:
+    """Every example's gradient, one backward pass each: what per-example means."""
+    grads = []
+    for i in range(len(data)):
+        alone = Tiny()
+        alone.load_state_dict(model.state_dict())
+        F.nll_loss(alone(data.inputs[i:i + 1]), data.labels[i:i + 1]).backward()
+        grads.append([p.grad.clone() for p in alone.parameters()])
+    return [torch.stack(per_param) for per_param in zip(*grads)]
+
+
+@pytest.mark.parametrize("book_keeping", [True, False], ids=["book-keeping", "opacus"])
+def test_the_step_is_the_sum_of_each_examples_clipped_gradient_and_clipping_bounds_every_one(
+    book_keeping: bool,
+) -> None:
     torch.manual_seed(0)
     model, data = Tiny(), examples(16)
     config = TrainConfig(batch_size=16, noise_multiplier=1e-9, max_grad_norm=0.5, dp_delta=1e-5).validated()
-    dp = privacy.PrivateGradients(model, config, len(data), torch.Generator().manual_seed(1))
+    per_example = each_examples_gradient(model, data)
+    norms = per_example_norms(per_example)
+    assert (norms > 2 * config.max_grad_norm).all(), "the test needs gradients over the bound"
+    for i in range(len(data)):
+        clipped = privacy.clipped_sum([g[i:i + 1] for g in per_example], config.max_grad_norm)
+        assert float(per_example_norms([c.unsqueeze(0) for c in clipped])) <= config.max_grad_norm * (1 + 1e-6)
+    dp = privacy.PrivateGradients(model, config, len(data), torch.Generator().manual_seed(1),
+                                  book_keeping=book_keeping)
     try:
+        assert (dp._book is not None) is book_keeping
         F.nll_loss(dp.forward(data.inputs), data.labels).backward()
-        params = [p for p in model.parameters()]
-        per_example = [p.grad_sample.clone() for p in params]
-        # Each is the gradient of that example's loss alone.
-        for i in (0, 7):
-            alone = Tiny()
-            alone.load_state_dict(model.state_dict())
-            F.nll_loss(alone(data.inputs[i:i + 1]), data.labels[i:i + 1]).backward()
-            for g, p in zip(per_example, alone.parameters()):
-                torch.testing.assert_close(g[i], p.grad, rtol=1e-4, atol=1e-6)
-        norms = per_example_norms(per_example)
-        assert (norms > 2 * config.max_grad_norm).all(), "the test needs gradients over the bound"
-        for i in range(len(data)):
-            clipped = privacy.clipped_sum([g[i:i + 1] for g in per_example], config.max_grad_norm)
-            assert float(per_example_norms([c.unsqueeze(0) for c in clipped])) <= config.max_grad_norm * (1 + 1e-6)
         dp.privatize(len(data))
-        # The step's gradient: the clipped sum (noise ~0 here) over the expected batch.
-        step = torch.cat([p.grad.flatten() for p in params]).double() * len(data)
-        expected = torch.cat([c.flatten() for c in privacy.clipped_sum(per_example, config.max_grad_norm)]).double()
-        torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-6)
-        assert float(step.norm()) <= len(data) * config.max_grad_norm * (1 + 1e-6)
     finally:
         dp.close()
+    # The step's gradient: the clipped sum (noise ~0 here) over the expected batch.
+    step = torch.cat([p.grad.flatten() for p in model.parameters()]).double() * len(data)
+    expected = torch.cat([c.flatten() for c in privacy.clipped_sum(per_example, config.max_grad_norm)]).double()
+    torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-6)
+    assert float(step.norm()) <= len(data) * config.max_grad_norm * (1 + 1e-6)
+    # Without clipping the step would be the plain sum, far over the bound.
+    assert float(torch.cat([g.sum(0).flatten() for g in per_example]).norm()) > len(data) * config.max_grad_norm
 
 
 def test_an_example_within_the_bound_is_left_as_it_is() -> None:
