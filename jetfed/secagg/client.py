@@ -40,7 +40,19 @@ class SecAggClient:
         self._last_round = 0
         self._open_round: Optional[Tuple[int, Tuple[str, ...], Dict[str, int]]] = None
         self._own_self_share: Optional[int] = None
-        self._cache: Dict[Tuple[str, str, int], bytes] = {}
+        self._cache: Dict[Tuple[str, str, bytes], bytes] = {}
+
+    def rekey(self) -> KeyAdvertisement:
+        """A new mask-key epoch: a fresh mask key pair, the old one forgotten. Needed
+        after this worker masked a round it was not asked to unmask (its mask key may
+        have been revealed) or when the coordinator says too few members hold its
+        shares. The channel key stays (it is never shared), so the shares of other
+        members this worker holds stay usable and only it runs setup again."""
+        self.epoch += 1
+        self._mask = keys.generate_keypair()
+        self._shared_keys, self._open_round, self._own_self_share = False, None, None
+        self._cache.clear()
+        return self.advertise()
 
     def advertise(self) -> KeyAdvertisement:
         """S1: this worker's public keys."""
@@ -140,8 +152,8 @@ class SecAggClient:
                 raise ProtocolViolation(f"secagg: unmask request asks for a {share.kind} share of "
                                         f"{share.owner!r}, which this round does not allow")
             wanted_round = round_number if expected == SELF_MASK else 0
-            if (share.holder, share.holder_epoch, share.round_number, share.owner_epoch) != (
-                    self.worker, self.epoch, wanted_round, epochs[share.owner]):
+            if (share.holder, share.round_number, share.owner_epoch) != (
+                    self.worker, wanted_round, epochs[share.owner]):
                 raise ProtocolViolation(f"secagg: the {share.kind} share of {share.owner!r} is not addressed to "
                                         "this worker for this round")
             seen.add(share.owner)
@@ -166,6 +178,9 @@ class SecAggClient:
         if start.round_number <= self._last_round:
             raise ProtocolViolation(f"secagg: round {start.round_number} is not after round {self._last_round}; "
                                     "masks are never reused")
+        if self._open_round is not None:
+            raise ProtocolViolation(f"secagg: this worker masked round {self._open_round[0]} and was not asked to "
+                                    "unmask it, so its mask key may have been revealed; it must re-key first")
         participants = tuple(start.participants)
         if len(set(participants)) != len(participants) or self.worker not in participants:
             raise ProtocolViolation("secagg: the round's participants repeat a name or leave this worker out")
@@ -188,23 +203,23 @@ class SecAggClient:
         return self._roster
 
     def _pair_secret(self, peer: Member) -> bytes:
-        key = ("mask", peer.worker, peer.epoch)
+        key = ("mask", peer.worker, peer.mask_public)
         if key not in self._cache:
             self._cache[key] = keys.agree(self._mask.private, peer.mask_public)
         return self._cache[key]
 
     def _channel_key(self, peer: Member) -> bytes:
-        key = ("channel", peer.worker, peer.epoch)
+        key = ("channel", peer.worker, peer.channel_public)
         if key not in self._cache:
             self._cache[key] = channel_key(keys.agree(self._channel.private, peer.channel_public),
-                                           run_id=self.run_id, a=self.worker, a_epoch=self.epoch,
-                                           b=peer.worker, b_epoch=peer.epoch)
+                                           run_id=self.run_id, a=self.worker, a_public=self._channel.public,
+                                           b=peer.worker, b_public=peer.channel_public)
         return self._cache[key]
 
     def _seal(self, kind: str, holder: Member, round_number: int, value: int) -> EncryptedShare:
         blank = EncryptedShare(owner=self.worker, holder=holder.worker, kind=kind, owner_epoch=self.epoch,
-                               holder_epoch=holder.epoch, round_number=round_number, ciphertext=b"")
+                               round_number=round_number, ciphertext=b"")
         sealed = keys.seal(self._channel_key(holder), shares.encode_share(value),
                            share_associated_data(self.run_id, blank))
         return EncryptedShare(owner=blank.owner, holder=blank.holder, kind=kind, owner_epoch=blank.owner_epoch,
-                              holder_epoch=blank.holder_epoch, round_number=round_number, ciphertext=sealed)
+                              round_number=round_number, ciphertext=sealed)

@@ -12,16 +12,19 @@ def label(*parts: object) -> bytes:
     return "|".join(str(part) for part in parts).encode()
 
 
-def channel_key(shared: bytes, *, run_id: str, a: str, a_epoch: int, b: str, b_epoch: int) -> bytes:
-    """The AEAD key between two workers at their epochs, the same from either side."""
-    (first, first_epoch), (second, second_epoch) = sorted([(a, a_epoch), (b, b_epoch)])
-    return keys.derive(shared, label(PROTOCOL, "channel", run_id, first, first_epoch, second, second_epoch))
+def channel_key(shared: bytes, *, run_id: str, a: str, a_public: bytes, b: str, b_public: bytes) -> bytes:
+    """The AEAD key between two workers' channel keys, the same from either side. It is
+    bound to the channel keys, not to the mask-key epoch: a worker that re-keys its mask
+    key keeps its channel key, so it can still open the shares it holds."""
+    (first, first_public), (second, second_public) = sorted([(a, a_public), (b, b_public)])
+    return keys.derive(shared, label(PROTOCOL, "channel", run_id, first, first_public.hex(), second,
+                                     second_public.hex()))
 
 
 def share_associated_data(run_id: str, share: EncryptedShare) -> bytes:
     """What a share's ciphertext is bound to, so it cannot be relabelled or replayed."""
     return label(PROTOCOL, "share", run_id, share.kind, share.owner, share.owner_epoch, share.holder,
-                 share.holder_epoch, share.round_number)
+                 share.round_number)
 
 
 def commitment(seed: bytes, *, run_id: str, round_number: int, owner: str) -> bytes:

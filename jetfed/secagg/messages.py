@@ -49,14 +49,14 @@ class Roster:
 
 @dataclass(frozen=True)
 class EncryptedShare:
-    """A Shamir share sealed by `owner` for `holder`; the coordinator relays and stores
-    it without being able to read it. `round_number` is 0 for mask-key shares."""
+    """A Shamir share sealed by `owner` for `holder` (under their channel keys); the
+    coordinator relays and stores it without being able to read it. `owner_epoch` names
+    the owner's mask key; `round_number` is 0 for mask-key shares."""
 
     owner: str
     holder: str
     kind: str
     owner_epoch: int
-    holder_epoch: int
     round_number: int
     ciphertext: bytes
 

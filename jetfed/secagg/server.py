@@ -61,6 +61,7 @@ class SecAggServer:
         self._next_index = 1
         self._indices: Dict[str, int] = {}
         self._key_shares: Dict[str, Dict[str, EncryptedShare]] = {}
+        self._sealed_to: Dict[str, Dict[str, bytes]] = {}
         self._burned: Set[str] = set()
         self._last_round = 0
         self._round: Optional[_Round] = None
@@ -87,6 +88,7 @@ class SecAggServer:
                                               epoch=advert.epoch, channel_public=advert.channel_public,
                                               mask_public=advert.mask_public)
         self._key_shares.pop(advert.worker, None)
+        self._sealed_to.pop(advert.worker, None)
         self._burned.discard(advert.worker)
 
     def roster(self) -> Roster:
@@ -110,8 +112,8 @@ class SecAggServer:
         for share in message.shares:
             holder = self._members.get(share.holder)
             if (holder is None or share.holder == message.worker or share.holder in held
-                    or (share.owner, share.kind, share.owner_epoch, share.holder_epoch, share.round_number)
-                    != (message.worker, MASK_KEY, member.epoch, holder.epoch, 0)):
+                    or (share.owner, share.kind, share.owner_epoch, share.round_number)
+                    != (message.worker, MASK_KEY, member.epoch, 0)):
                 raise ProtocolViolation(f"secagg: {message.worker!r} sent a malformed mask-key share "
                                         f"(for {share.holder!r})")
             held[share.holder] = share
@@ -119,6 +121,7 @@ class SecAggServer:
             raise ProtocolViolation(f"secagg: {message.worker!r} shared its key with {len(held)} members, "
                                     f"fewer than the threshold {self.threshold}")
         self._key_shares[message.worker] = held
+        self._sealed_to[message.worker] = {h: self._members[h].channel_public for h in held}
 
     # rounds -----------------------------------------------------------------------------
     def start_round(self, round_number: int, selected: Sequence[str]) -> RoundStart:
@@ -163,9 +166,8 @@ class SecAggServer:
         holders: Set[str] = set()
         for share in message.self_shares:
             if (share.holder not in current.epochs or share.holder == message.worker or share.holder in holders
-                    or (share.owner, share.kind, share.owner_epoch, share.holder_epoch, share.round_number)
-                    != (message.worker, SELF_MASK, current.epochs[message.worker], current.epochs[share.holder],
-                        message.round_number)):
+                    or (share.owner, share.kind, share.owner_epoch, share.round_number)
+                    != (message.worker, SELF_MASK, current.epochs[message.worker], message.round_number)):
                 raise ProtocolViolation(f"secagg: masked input of {message.worker!r} carries a malformed "
                                         f"self-mask share (for {share.holder!r})")
             holders.add(share.holder)
@@ -187,13 +189,13 @@ class SecAggServer:
         dropped = tuple(w for w in current.start.participants if w not in current.commitments)
         current.closed = True
         if len(survivors) < self.threshold:
-            self._round = None
+            self._end(current)
             raise BelowThreshold(f"secagg: round {round_number}: {len(survivors)} masked inputs, fewer than the "
                                  f"threshold {self.threshold}; the round fails and nothing is revealed")
         for lost in dropped:
             holders = [w for w in survivors if self._holds(lost, w)]
             if len(holders) < self.threshold:
-                self._round = None
+                self._end(current)
                 raise BelowThreshold(f"secagg: round {round_number}: {lost!r} dropped and only {len(holders)} "
                                      f"survivors hold shares of its key (threshold {self.threshold})")
         current.survivors, current.dropped, current.revealed = survivors, dropped, {}
@@ -240,7 +242,7 @@ class SecAggServer:
         current = self._current(round_number, "finish")
         if current.revealed is None:
             raise SecAggConfigError(f"secagg: round {round_number} has not asked for unmasking")
-        self._round = None
+        self._end(current)
         if len(current.revealed) < self.threshold:
             raise BelowThreshold(f"secagg: round {round_number}: {len(current.revealed)} unmask responses, fewer "
                                  f"than the threshold {self.threshold}")
@@ -271,18 +273,27 @@ class SecAggServer:
 
     def abandon(self, round_number: int) -> None:
         """Give up a round the driver failed for its own reasons (deadline, too few
-        trainers). Before unmasking nothing was revealed; after it, the dropped stay
-        burned, since their key shares may have been opened."""
-        self._current(round_number, "abandon")
-        self._round = None
+        trainers); its participants that did not finish unmasking must re-key."""
+        self._end(self._current(round_number, "abandon"))
 
-    def needs_rekey(self) -> Tuple[str, ...]:
-        """Keyed workers whose mask key fewer than `threshold` current members can open
-        (holders left, re-keyed or were burned): if such a worker dropped, its masks could
-        not be removed, so the driver asks it to re-key (S1 and S2 again) before it masks."""
-        usable = set(self.members())
-        return tuple(w for w in self.members()
-                     if sum(1 for h in usable if h != w and self._holds(w, h)) < self.threshold)
+    def must_rekey(self) -> Tuple[str, ...]:
+        """Workers the driver must ask to re-key (S1 and S2 again) before they mask:
+        those that did not finish a round's unmasking (their key may have been revealed,
+        and they refuse to mask with it), and those whose mask key fewer than `threshold`
+        usable members can open (holders left, re-keyed or must re-key themselves), whose
+        masks could not be removed if they dropped."""
+        keyed = set(self._key_shares)
+        thin = {w for w in self.members()
+                if sum(1 for h in keyed if h != w and self._holds(w, h)) < self.threshold}
+        return tuple(sorted((self._burned & set(self._key_shares)) | thin))
+
+    def _end(self, current: _Round) -> None:
+        """Close a round: a worker that sent a masked input and did not answer an unmask
+        request for it (none came, or it was silent), and every dropped worker whose key
+        shares were asked for, must re-key. (A worker whose masked input was lost on the
+        way refuses the next round itself, saying it must re-key.)"""
+        self._burned.update((set(current.commitments) - set(current.revealed or {})) | set(current.dropped))
+        self._round = None
 
     def members(self) -> Tuple[str, ...]:
         """Workers that finished setup for their current epoch and are not burned."""
@@ -304,9 +315,10 @@ class SecAggServer:
 
     def _holds(self, owner: str, holder: str) -> bool:
         """Whether `holder` can open its share of `owner`'s mask key: it has one, sealed
-        to the channel key it still has (a holder that re-keyed cannot open old shares)."""
-        share = self._key_shares.get(owner, {}).get(holder)
-        return share is not None and share.holder_epoch == self._members[holder].epoch
+        to the channel key it still has (a restarted worker, with a new channel key,
+        cannot open the shares sealed to its old one)."""
+        sealed_to = self._sealed_to.get(owner, {}).get(holder)
+        return sealed_to is not None and sealed_to == self._members[holder].channel_public
 
     def _member(self, worker: str) -> Member:
         member = self._members.get(worker)

@@ -96,7 +96,13 @@ def test_too_few_masked_inputs_fail_the_round_before_anything_is_revealed():
     server.receive_masked_input(clients["w00"].mask(start, updates(["w00"], 5)["w00"]))
     with pytest.raises(BelowThreshold, match="1 masked inputs, fewer than the threshold 2"):
         server.close_masked_inputs(1)
-    assert set(server.members()) == set(clients)  # nothing was revealed, no key burned
+    # w00 masked and was never asked to unmask: it cannot tell whether its key was
+    # revealed, so both sides want a new epoch from it; the others never masked
+    assert server.must_rekey() == ("w00",) and server.members() == ("w01", "w02")
+    with pytest.raises(ProtocolViolation, match="must re-key first"):
+        clients["w00"].mask(RoundStart(round_number=2, participants=tuple(clients), length=LENGTH),
+                            np.zeros(LENGTH, dtype=np.float32))
+    rekey(server, clients, "w00")
     inputs = updates(list(clients), seed=6)
     assert np.array_equal(run_round(server, clients, 2, inputs).total,
                           plaintext_sum(server.fixed_point, list(inputs.values())))
@@ -126,17 +132,22 @@ def test_a_dropped_worker_is_burned_its_late_input_refused_until_it_rekeys():
     with pytest.raises(ProtocolViolation, match="must re-key"):
         clients["w00"].mask(dataclasses.replace(start, round_number=3), inputs["w00"])
     server.abandon(2)
-    rekeyed = SecAggClient("w03", run_id=RUN, fixed_point=server.fixed_point, epoch=2)
-    clients["w03"] = rekeyed
-    server.receive_advertisement(rekeyed.advertise())
-    roster = server.roster()
-    for client in clients.values():
-        client.receive_roster(roster)
-    server.receive_key_shares(rekeyed.share_keys())
+    assert server.must_rekey() == ("w03",)
+    rekey(server, clients, "w03")
+    assert server.must_rekey() == ()
     inputs = updates(list(clients), seed=9)
     result = run_round(server, clients, 4, inputs)
     assert result.survivors == tuple(clients)
     assert np.array_equal(result.total, plaintext_sum(server.fixed_point, list(inputs.values())))
+
+
+def rekey(server: SecAggServer, clients: Dict[str, SecAggClient], worker: str) -> None:
+    """S1 and S2 again for one worker; the others take the new roster."""
+    server.receive_advertisement(clients[worker].rekey())
+    roster = server.roster()
+    for client in clients.values():
+        client.receive_roster(roster)
+    server.receive_key_shares(clients[worker].share_keys())
 
 
 def test_a_worker_joining_later_takes_part_without_the_others_resharing():
@@ -293,12 +304,13 @@ def test_a_worker_never_reuses_a_round_number_nor_masks_with_strangers():
     start = RoundStart(round_number=1, participants=tuple(clients), length=LENGTH)
     with pytest.raises(ProtocolViolation, match="masks are never reused"):
         clients["w00"].mask(start, inputs["w00"])
-    fresh = clients["w01"]
-    # w01 masked round 1 already too; a later round naming an unknown peer is refused
+    _, fresh = fleet(3, 2)
     with pytest.raises(ProtocolViolation, match="not in the roster"):
-        fresh.mask(dataclasses.replace(start, round_number=2, participants=("w01", "w02", "mallory")), inputs["w01"])
+        fresh["w01"].mask(dataclasses.replace(start, participants=("w01", "w02", "mallory")), inputs["w01"])
+    with pytest.raises(ProtocolViolation, match="leave this worker out"):
+        fresh["w01"].mask(dataclasses.replace(start, participants=("w00", "w02")), inputs["w01"])
     with pytest.raises(ProtocolViolation, match="expects 2000 values"):
-        fresh.mask(dataclasses.replace(start, round_number=2), inputs["w01"][:10])
+        fresh["w01"].mask(start, inputs["w01"][:10])
 
 
 def test_a_roster_that_swaps_a_members_keys_or_leaves_this_worker_out_is_refused():
@@ -362,18 +374,34 @@ def test_a_late_input_of_a_dropped_worker_stays_hidden_behind_its_self_mask():
     assert abs(np.corrcoef(server.fixed_point.to_signed(late).astype(np.float64), plain)[0, 1]) < 0.03
 
 
-def test_a_rekeyed_worker_is_not_asked_for_shares_sealed_to_its_old_key():
-    server, clients = fleet(5, 3)
-    run_round(server, clients, 1, updates(list(clients), seed=16), drop_masking=["w04"])
-    clients["w04"] = SecAggClient("w04", run_id=RUN, fixed_point=server.fixed_point, epoch=2)
-    server.receive_advertisement(clients["w04"].advertise())
+def restart(server: SecAggServer, clients: Dict[str, SecAggClient], worker: str, epoch: int) -> None:
+    """A worker process that restarted: new channel and mask keys, a later epoch."""
+    clients[worker] = SecAggClient(worker, run_id=RUN, fixed_point=server.fixed_point, epoch=epoch)
+    server.receive_advertisement(clients[worker].advertise())
     roster = server.roster()
     for client in clients.values():
         client.receive_roster(roster)
-    server.receive_key_shares(clients["w04"].share_keys())
+    server.receive_key_shares(clients[worker].share_keys())
+
+
+def test_a_restarted_worker_is_not_asked_for_shares_sealed_to_its_old_channel_key():
+    server, clients = fleet(5, 3)
+    run_round(server, clients, 1, updates(list(clients), seed=16), drop_masking=["w04"])
+    restart(server, clients, "w04", epoch=2)
     inputs = updates(list(clients), seed=17)
     result = run_round(server, clients, 2, inputs, drop_masking=["w00"])
     assert result.survivors == ("w01", "w02", "w03", "w04")
+    assert np.array_equal(result.total, plaintext_sum(server.fixed_point, [inputs[w] for w in result.survivors]))
+
+
+def test_a_mask_rekey_keeps_the_shares_a_worker_holds():
+    server, clients = fleet(4, 3)
+    run_round(server, clients, 1, updates(list(clients), seed=19), drop_masking=["w03"])
+    rekey(server, clients, "w03")
+    inputs = updates(list(clients), seed=20)
+    # w03 (re-keyed) must open its share of w00's mask key: w01, w02, w03 make t = 3
+    result = run_round(server, clients, 2, inputs, drop_masking=["w00"])
+    assert result.survivors == ("w01", "w02", "w03")
     assert np.array_equal(result.total, plaintext_sum(server.fixed_point, [inputs[w] for w in result.survivors]))
 
 
@@ -422,7 +450,15 @@ def fleet_without_shares(n: int, threshold: int):
 
 def test_a_worker_whose_key_holders_fall_below_the_threshold_is_named_for_rekeying():
     server, clients = fleet(5, 3)
-    assert server.needs_rekey() == ()
-    run_round(server, clients, 1, updates(list(clients), seed=18), drop_masking=["w03", "w04"])
-    # w00..w02 each have 2 usable holders left (w03, w04 are burned): below t = 3
-    assert server.needs_rekey() == ("w00", "w01", "w02")
+    assert server.must_rekey() == ()
+    restart(server, clients, "w03", epoch=2)
+    restart(server, clients, "w04", epoch=2)
+    # the shares of w00..w02's mask keys that w03, w04 held were sealed to their old
+    # channel keys: 2 usable holders each, below t = 3
+    assert server.must_rekey() == ("w00", "w01", "w02")
+    for worker in ("w00", "w01", "w02"):
+        rekey(server, clients, worker)
+    assert server.must_rekey() == ()
+    inputs = updates(list(clients), seed=18)
+    result = run_round(server, clients, 1, inputs, drop_masking=["w00", "w01"])
+    assert np.array_equal(result.total, plaintext_sum(server.fixed_point, [inputs[w] for w in result.survivors]))
