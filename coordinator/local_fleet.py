@@ -130,8 +130,18 @@ class LocalWorker:
         extra = {}
         if server_control is not None:
             extra["controls"] = ControlVariates(server_control, self._client_control(round_number, server_control))
-        outcome = trainer.task.train(trainer.model, self.data, config, derive_seed(config.seed, round_number, self.name),
-                                     **extra)
+        seed = derive_seed(config.seed, round_number, self.name)
+        spend = self._check_budget(round_number, config) if config.private else None
+        if spend is not None and privacy.takes_private_seed(trainer.task):
+            extra["private_seed"] = privacy.private_seed(seed)  # a simulation replays
+        outcome = trainer.task.train(trainer.model, self.data, config, seed, **extra)
+        epsilon = 0.0
+        if spend is not None:
+            if not outcome.private:
+                raise privacy.PrivacyUnavailable(f"config.noise_multiplier: task {trainer.task.name}'s own training "
+                                                 "loop does not apply DP-SGD")
+            self._spends.append(spend)
+            epsilon = privacy.epsilon_of(self._spends, config.dp_delta)
         if outcome.client_control is not None:
             self._controls[round_number] = outcome.client_control
         trained_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in outcome.state.items()}
@@ -143,7 +153,15 @@ class LocalWorker:
                       num_examples=outcome.num_examples, mean_loss=outcome.mean_loss,
                       train_seconds=outcome.seconds, device=trainer.device_label,
                       bytes_down=sending.manifest.total_bytes, bytes_up=manifest.total_bytes,
-                      raw_down=weights.manifest.total_bytes, raw_up=trained.manifest.total_bytes)
+                      raw_down=weights.manifest.total_bytes, raw_up=trained.manifest.total_bytes,
+                      epsilon=epsilon, delta=config.dp_delta if epsilon else 0.0)
+
+    def _check_budget(self, round_number: int, config: TrainConfig) -> privacy.Spend:
+        """The round's spend, refused (as a board refuses it) over the budget."""
+        privacy.require_library()
+        spend = privacy.round_spend(round_number, config, len(self.data))
+        privacy.within_budget(self._spends, spend, config, "this run")
+        return spend
 
     def _result(self, round_number: int, config: TrainConfig, trained: StateDict, base: StateDict,
                 base_id: str) -> Tuple[codec.Manifest, codec.Payload, StateDict]:

@@ -260,3 +260,35 @@ def test_dp_fedavg_is_a_strategy_with_a_server_optimizer() -> None:
     new = strategy.aggregate(start, contributions)
     assert new["w"].shape == (10, 100) and torch.isfinite(new["w"]).all()
     assert strategy.note()["central_dp"]["epsilon"] > 0
+
+
+# jetfed simulate's in-process worker (coordinator/local_fleet.py) trains DP rounds as a board.
+
+
+def test_a_simulated_worker_trains_dp_rounds_reports_epsilon_and_refuses_over_its_budget(tiny_mnist: Path) -> None:
+    import asyncio
+    from dataclasses import replace
+
+    from coordinator.clients import Weights
+    from coordinator.local_fleet import LocalTrainer, LocalWorker
+    from jetfed.partitions import Partition
+    from jetfed.tasks.base import TaskSettings
+    from jetfed.tasks.mnist import MnistTask
+
+    task = MnistTask(TaskSettings(data_dir=tiny_mnist, device=torch.device("cpu"), download=False))
+    trainer = LocalTrainer(task, "cpu")
+    data = task.load("train", Partition())
+    worker = LocalWorker("w1", trainer, data)
+    weights = Weights.of(task.build_model().state_dict(), task.model_name)
+    config = TrainConfig(batch_size=32, max_batches=2, **DP).validated()
+    try:
+        first = asyncio.run(worker.train(1, config, weights, 60.0))
+        second = asyncio.run(worker.train(2, config, weights, 60.0))
+        spend = privacy.round_spend(1, config, len(data))
+        assert first.epsilon == pytest.approx(privacy.epsilon_of([spend], 1e-5)) and first.delta == 1e-5
+        assert second.epsilon == pytest.approx(privacy.epsilon_of([spend, spend], 1e-5))
+        with pytest.raises(Exception, match="privacy budget spent") as refused:
+            asyncio.run(worker.train(3, replace(config, epsilon_budget=second.epsilon), weights, 60.0))
+        assert getattr(refused.value, "status", "") == "RESOURCE_EXHAUSTED"
+    finally:
+        trainer.close()
