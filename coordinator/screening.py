@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from coordinator.blockwise import Scratch, squared_distance
 from jetfed.codec import StateDict
 from jetfed.config import TrainConfig
 
@@ -56,10 +57,11 @@ def claim_problem(claimed: int, config: TrainConfig, dataset_size: int) -> Optio
 def delta_norm(state: StateDict, base: StateDict) -> float:
     """L2 norm of (update - global) over the floating-point tensors, in float64; integer
     buffers (num_batches_tracked) count steps, not a direction, and are left out."""
+    scratch = Scratch(2)
     total = 0.0
     for name, tensor in state.items():
         if tensor.is_floating_point():
-            total += float((tensor.to(torch.float64) - base[name].to(torch.float64)).pow(2).sum())
+            total += squared_distance(tensor, base[name], scratch)
     return math.sqrt(total)
 
 

@@ -256,8 +256,8 @@ class Folding(Accumulator):
         else:
             base = self._global if contribution.base is None else contribution.base
             discount = strategy.discount(contribution)
-            self._sum.add({n: (contribution.state[n].to(torch.float64) - base[n].to(torch.float64)) * discount
-                           for n in self._floats}, weight)
+            self._sum.add({n: contribution.state[n] for n in self._floats}, weight,
+                          base={n: base[n] for n in self._floats}, scale=discount)
             self._sum.add({n: t for n, t in contribution.state.items() if n not in self._floats}, weight)
         self._count += 1
         self._total += weight

@@ -3,10 +3,11 @@ updates, each weighted by the examples it trained on (or equally)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from coordinator.blockwise import Scratch, two_sum_fold
 from jetfed.codec import StateDict
 
 
@@ -36,25 +37,28 @@ class ExactSum:
     simulation is the same run as a real one; a resumed run as an unbroken one). Each
     product w * x is rounded at most once, alike in any order; only the sum needed care.
 
-    Costs two float64 tensors per tensor (4x a float32 model) and eight tensor
-    operations per update."""
+    Costs two float64 tensors per tensor (4x a float32 model) and four scratch blocks
+    (coordinator.blockwise: the passes run in cache, the same bits as whole tensors)."""
 
     def __init__(self) -> None:
         self._hi: StateDict = {}
         self._lo: StateDict = {}
+        self._scratch = Scratch(4)
 
-    def add(self, values: StateDict, weight: float) -> None:
-        """Fold in `values` (any dtype) times `weight`; integer buffers are summed as floats."""
+    def add(self, values: StateDict, weight: float, *, base: Optional[StateDict] = None, scale: float = 1.0) -> None:
+        """Fold in `values` (any dtype) times `weight`, or ((values - base) * scale) *
+        weight for the tensors `base` names; integer buffers are summed as floats."""
         for name, tensor in values.items():
-            term = tensor.to(torch.float64) * weight
+            origin = None if base is None else base.get(name)
             hi = self._hi.get(name)
             if hi is None:
-                self._hi[name], self._lo[name] = term, torch.zeros_like(term)
+                term = tensor.to(torch.float64)
+                if origin is not None:
+                    term = (term - origin.to(torch.float64)) * scale
+                self._hi[name] = term * weight
+                self._lo[name] = torch.zeros_like(self._hi[name])
                 continue
-            total = hi + term
-            virtual = total - hi
-            self._lo[name] += (hi - (total - virtual)) + (term - virtual)
-            self._hi[name] = total
+            two_sum_fold(hi, self._lo[name], tensor, weight, self._scratch, base=origin, scale=scale)
 
     def mean(self, name: str, total: float) -> torch.Tensor:
         """Tensor `name`'s sum rounded once to float64, over `total` (the summed weights);
