@@ -24,8 +24,9 @@ from jetfed.stream import Received
 from jetfed.tasks.base import Examples, Task, TrainOutcome
 from jetfed.telemetry import Telemetry
 from jetfed.training import derive_seed
-from jetfed.v1 import evaluation_pb2, info_pb2, worker_pb2, worker_pb2_grpc
+from jetfed.v1 import evaluation_pb2, info_pb2, secagg_pb2, worker_pb2, worker_pb2_grpc
 from worker.residual import ResidualStore
+from worker.secagg_service import SecAggWorker
 from worker.rounds import Round, RunLedger, TrainingSlot
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._residuals = residual_store or ResidualStore(
             control_store.folder if control_store is not None else None, task.model_name)
         self._task_takes_controls = scaffold.takes_controls(task)
+        # Secure aggregation's keys per run; its key epochs beside the control store's files.
+        self._secagg = SecAggWorker(name, control_store.folder if control_store is not None else None)
         self._data = data
         self._device_label = device_label
         self._executor = executor
@@ -148,11 +151,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 seed = derive_seed(config.seed, head.round, self._name)
                 outcome, compute_seconds = await self._train_until_abandoned(held, state, config, seed, server_control)
                 outcome = await self._as_slower_board(head.round, outcome, compute_seconds)
-                result_manifest, result_payload, residual = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._encoded_result, held, head, config, state, holding.id, outcome,
-                )
+                masked: Optional[secagg_pb2.SecAggMaskedInput] = None
+                if head.HasField("secagg"):  # only the masked update leaves: never the weights
+                    residual = None
+                    result_manifest, result_payload, masked = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._secagg.masked_result, held.run_id, head.secagg, state, outcome.state,
+                        outcome.num_examples, self._model_name,
+                    )
+                else:
+                    result_manifest, result_payload, residual = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._encoded_result, held, head, config, state, holding.id, outcome,
+                    )
                 epsilon = await self._spend_privacy(held, head, config, outcome) if config.private else 0.0
-                for message in self._result_messages(head, outcome, result_manifest, result_payload, epsilon):
+                for message in self._result_messages(head, outcome, result_manifest, result_payload, epsilon, masked):
                     yield message
                 if residual is not None:
                     await asyncio.get_running_loop().run_in_executor(
@@ -172,6 +183,22 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         Coordinator-only like Train (jetfed.auth guards every method but GetInfo)."""
         async with rpc_status(context, "EndRun"):
             return worker_pb2.EndRunResponse(released=self._runs.release(request.run_id))
+
+    async def SecAggAdvertise(self, request: secagg_pb2.SecAggAdvertiseRequest,
+                              context: grpc.aio.ServicerContext) -> secagg_pb2.SecAggAdvertiseResponse:
+        """Secure aggregation's keys for a run (worker.secagg_service); coordinator-only."""
+        async with rpc_status(context, "SecAggAdvertise"):
+            return await asyncio.get_running_loop().run_in_executor(None, self._secagg.advertise, request)
+
+    async def SecAggShareKeys(self, request: secagg_pb2.SecAggShareKeysRequest,
+                              context: grpc.aio.ServicerContext) -> secagg_pb2.SecAggShareKeysResponse:
+        async with rpc_status(context, "SecAggShareKeys"):
+            return self._secagg.share_keys(request)
+
+    async def SecAggUnmask(self, request: secagg_pb2.SecAggUnmaskRequest,
+                           context: grpc.aio.ServicerContext) -> secagg_pb2.SecAggUnmaskResponse:
+        async with rpc_status(context, "SecAggUnmask"):
+            return self._secagg.unmask(request)
 
     async def _receive(
         self, requests: AsyncIterator[worker_pb2.TrainRequest], context: grpc.aio.ServicerContext,
@@ -207,6 +234,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         config = wire.config_from_proto(head.config)
         config.require_work_within(len(self._data), self._max_examples)
         self._check_weights(manifest, config.scaffold)
+        if head.HasField("secagg"):
+            self._secagg.check_round(head.run_id, head.secagg, config.scaffold)
         if config.private:
             privacy.require_library()
             if self._ledger is None:
@@ -335,6 +364,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _result_messages(
         self, head: worker_pb2.TrainHeader, outcome: TrainOutcome, result_manifest: codec.Manifest,
         result_payload: codec.Payload, epsilon: float = 0.0,
+        masked: Optional[secagg_pb2.SecAggMaskedInput] = None,
     ) -> Iterator[worker_pb2.TrainResponse]:
         log.info(
             "train round=%d run=%s examples=%d loss=%.4f seconds=%.3f",
@@ -344,7 +374,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             round=head.round, worker=self._name, num_examples=outcome.num_examples,
             mean_loss=outcome.mean_loss, train_seconds=outcome.seconds,
             device=self._device_label, manifest=wire.manifest_to_proto(result_manifest),
-            epsilon=epsilon, delta=head.config.dp_delta if epsilon else 0.0,
+            epsilon=epsilon, delta=head.config.dp_delta if epsilon else 0.0, secagg=masked,
         )
         return wire.weight_messages(
             worker_pb2.TrainResponse(result=result), result_payload, self._chunk_bytes,

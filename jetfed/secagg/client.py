@@ -99,6 +99,15 @@ class SecAggClient:
         self._shared_keys = True
         return KeyShares(worker=self.worker, epoch=self.epoch, shares=sealed)
 
+    def check_round(self, start: RoundStart) -> None:
+        """Whether this worker would mask `start` (the checks `mask` makes first), so a
+        worker refuses a round at its Train header rather than after training it."""
+        self._check_participants(start)
+
+    @property
+    def has_roster(self) -> bool:
+        return self._roster is not None
+
     def mask(self, start: RoundStart, update: np.ndarray) -> MaskedInput:
         """The masked, fixed-point update for a round, with its self-mask shares."""
         roster = self._require_roster()
