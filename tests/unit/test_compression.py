@@ -235,3 +235,12 @@ def test_traffic_is_recorded_for_prometheus_and_metrics() -> None:
     update = Update("alice", Weights.of({"w": torch.zeros(3)}, "m"), 1, 0.0, 0.0, "cpu", bytes_down=1000, bytes_up=50,
                     raw_up=1000)
     assert update.traffic() == {"bytes_sent": 1000, "bytes_received": 50, "compression_ratio": 2000 / 1050}
+
+
+def test_run_settings_refuse_an_unknown_downlink_encoding(tmp_path) -> None:
+    from coordinator.settings import RunSettings
+
+    with pytest.raises(InvalidConfig, match="downlink_encoding: 'gzip' is not one of"):
+        RunSettings(workers={"a": "h:1"}, evaluator=None, out_dir=tmp_path, downlink_encoding="gzip").validated()
+    with pytest.raises(InvalidConfig, match="uplink_encoding: 'topk:2' |top-k fraction 2.0"):
+        TrainConfig(uplink_encoding="topk:2").validated()
