@@ -50,7 +50,8 @@ DEFAULTS = {
     "init_weights": None,
     "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
     "momentum": TrainConfig.momentum, "batch_size": TrainConfig.batch_size, "batches": TrainConfig.max_batches,
-    "epochs": TrainConfig.epochs, "seed": 1, "weighting": "examples", "max_norm_ratio": DEFAULT_MAX_NORM_RATIO,
+    "epochs": TrainConfig.epochs, "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 0.0, "dp_delta": 0.0,
+    "dp_epsilon_budget": 0.0, "seed": 1, "weighting": "examples", "max_norm_ratio": DEFAULT_MAX_NORM_RATIO,
     "strategy": DEFAULT_STRATEGY, "strategy_params": {},
     "out": None,
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": None,
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--batches", "batches per epoch per round; 0 = all", type=int)
     flag("--epochs", type=int)
     flag("--seed", "seeds the initial model and every worker's shuffling", type=int)
+    flag("--dp-noise-multiplier", "DP-SGD on every worker (needs opacus there): Gaussian noise of this times "
+         "--dp-max-grad-norm on each step's sum of clipped per-example gradients; 0 = no DP", type=float,
+         metavar="SIGMA")
+    flag("--dp-max-grad-norm", "DP-SGD: each example's gradient clipped to this L2 norm", type=float, metavar="C")
+    flag("--dp-delta", "DP-SGD: the delta each worker's epsilon is reported at, e.g. 1e-5", type=float)
+    flag("--dp-epsilon-budget", "DP-SGD: a worker refuses a round that would take its epsilon for the run over "
+         "this, and the run stops once every worker has; 0 = no budget", type=float, metavar="EPSILON")
     flag("--weighting", "FedAvg weights: examples trained, or equal", choices=WEIGHTINGS)
     flag("--strategy", "how updates become the next global model: " + ", ".join(PRESETS)
          + " (`jetfed strategies` lists them with their parameters)", metavar="NAME")
@@ -150,6 +158,8 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
     train = TrainConfig(
         optimizer=values["optimizer"], lr=values["lr"], momentum=values["momentum"],
         batch_size=values["batch_size"], max_batches=values["batches"], epochs=values["epochs"], seed=values["seed"],
+        noise_multiplier=values["dp_noise_multiplier"], max_grad_norm=values["dp_max_grad_norm"],
+        dp_delta=values["dp_delta"], epsilon_budget=values["dp_epsilon_budget"],
     )
     out = values["out"]
     if values["min_workers"] == "all" and values["workers_dns"]:

@@ -292,3 +292,17 @@ def test_a_simulated_worker_trains_dp_rounds_reports_epsilon_and_refuses_over_it
         assert getattr(refused.value, "status", "") == "RESOURCE_EXHAUSTED"
     finally:
         trainer.close()
+
+
+def test_the_coordinators_dp_flags_and_federation_keys_reach_the_train_config(tmp_path: Path) -> None:
+    from coordinator import cli
+
+    toml = tmp_path / "federation.toml"
+    toml.write_text("[training]\ndp_noise_multiplier = 1.1\ndp_max_grad_norm = 0.5\ndp_delta = 1e-5\n")
+    values = cli.parse_args(["--config", str(toml), "--worker", "a=127.0.0.1:1", "--dp-epsilon-budget", "3"])
+    train = cli.settings_from(values).train
+    assert (train.noise_multiplier, train.max_grad_norm, train.dp_delta, train.epsilon_budget) == (1.1, 0.5, 1e-5, 3.0)
+    assert not cli.settings_from(cli.parse_args(["--worker", "a=127.0.0.1:1"])).train.private
+    with pytest.raises(InvalidConfig, match="^dp_delta: "):
+        cli.settings_from(cli.parse_args(["--worker", "a=127.0.0.1:1", "--dp-noise-multiplier", "1",
+                                          "--dp-max-grad-norm", "1"])).validated()
