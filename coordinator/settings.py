@@ -88,6 +88,14 @@ class RunSettings:
     metrics_address: Optional[str] = None
     # Mutual TLS towards the fleet (the coordinator's certificate), or None: plaintext.
     tls: Optional[TlsFiles] = None
+    # Secure aggregation (coordinator.secure_rounds): the coordinator learns only the sum
+    # of the updates. The threshold t of workers whose shares rebuild a secret (0: a
+    # majority of the workers), the fixed-point clip of every update coordinate, and the
+    # most workers a round's sum must hold (0: the workers given).
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_clip: float = 1.0
+    secagg_max_workers: int = 0
     # The shared bearer token for services without TLS; kept out of repr and logs.
     token: Optional[str] = field(default=None, repr=False)
 
@@ -125,6 +133,8 @@ class RunSettings:
         if not (math.isfinite(self.max_norm_ratio) and 1 < self.max_norm_ratio <= MAX_NORM_RATIO):
             raise InvalidConfig(f"max_norm_ratio: {self.max_norm_ratio} must be a number in (1, {MAX_NORM_RATIO:g}]")
         strategy = self.strategy.build(weighting=self.weighting, seed=self.train.seed)
+        if self.secure_aggregation:  # before the strategy's own checks: this is the news
+            self._check_secure_aggregation()
         # Workers named by DNS only: checked again once the start has named them.
         if self.workers and not 1 <= self.quorum <= self.per_round:
             asked = "the workers given" if self.per_round == len(self.workers) else "the strategy's sample"
@@ -160,6 +170,52 @@ class RunSettings:
         self.train.validated()
         Encoding.parse(self.downlink_encoding, "downlink_encoding")
         return self
+
+    @property
+    def secagg_resolved_threshold(self) -> int:
+        """The threshold secure aggregation runs with: the setting, or a majority of the workers."""
+        return self.secagg_threshold or len(self.workers) // 2 + 1
+
+    def _check_secure_aggregation(self) -> None:
+        """What cannot work when the coordinator sees only the sum: one clear line each."""
+        flag = "--secure-aggregation"
+        values = self.strategy.resolved()
+        if self.strategy.asynchronous:
+            raise InvalidConfig(f"{flag}: strategy {self.strategy.name} steps on each update as it arrives, and "
+                                "secure aggregation gives the coordinator only a round's sum; use a synchronous "
+                                "strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)")
+        from jetfed.secagg import FixedPoint, SecAggError, check_aggregator
+        from coordinator.strategies.registry import PRESETS
+        preset = PRESETS.get(self.strategy.name)
+        try:
+            check_aggregator(str(values.get("aggregator", "mean")),
+                             control_variates=bool(preset is not None and preset.control_variates))
+        except SecAggError as exc:
+            raise InvalidConfig(f"{flag}: strategy {self.strategy.name}: {exc}") from None
+        if self.train.uplink_encoding not in ("", "raw"):
+            raise InvalidConfig(f"{flag}: a masked update is uniform noise and does not compress; drop "
+                                f"--uplink-encoding {self.train.uplink_encoding} (the downlink still compresses)")
+        if self.max_concurrency and self.max_concurrency < len(self.workers):
+            raise InvalidConfig(f"{flag}: every participant of a secure round masks with every other, so all are "
+                                f"asked at once; drop --max-concurrency {self.max_concurrency}")
+        if not self.workers:
+            raise InvalidConfig(f"{flag}: the workers must be given (--worker), not found by DNS: the "
+                                "threshold is fixed for the run")
+        n = len(self.workers)
+        _check_int("secagg_threshold", self.secagg_threshold, 0, n)
+        _check_int("secagg_max_workers", self.secagg_max_workers, 0, MAX_CONCURRENCY)
+        t = self.secagg_resolved_threshold
+        if n < 3 or not n // 2 + 1 <= t <= n - 1:
+            raise InvalidConfig(f"{flag}: secagg_threshold {t} with {n} workers: secure aggregation needs at least "
+                                f"3 workers and a threshold in {n // 2 + 1}..{max(n - 1, 1)} (over half of them, and "
+                                "one to spare so a dropped worker's masks can be removed)")
+        if not (math.isfinite(self.secagg_clip) and self.secagg_clip >= 1):
+            raise InvalidConfig(f"secagg_clip: {self.secagg_clip} must be a number >= 1 (each update coordinate "
+                                "is clipped to it; the worker's weight, at most 1, travels in the same encoding)")
+        try:
+            FixedPoint.for_fleet(self.secagg_clip, self.secagg_max_workers or n)
+        except SecAggError as exc:
+            raise InvalidConfig(f"secagg_clip, secagg_max_workers: {exc}") from None
 
     def lr_for(self, round_number: float) -> float:
         """The reference's schedule: lr shrinks by `lr_decay` each round, floored at
