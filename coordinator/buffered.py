@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from coordinator import screening
 from coordinator.clients import Score, Update, Weights
@@ -57,8 +57,14 @@ class _Arrival:
 
 
 class BufferedDriver:
-    def __init__(self, federation: Federation, first_version: int) -> None:
+    def __init__(self, federation: Federation, first_version: int,
+                 look_again: Optional[Callable[[], Awaitable[None]]] = None) -> None:
         self.federation = federation
+        # DNS discovery: looked up again after each step; a worker it adds to the roster
+        # starts its own loop (one found at a new address is asked there by its loop).
+        self._look_again = look_again
+        self._looking: "Optional[asyncio.Future[None]]" = None
+        self._loops: "Dict[str, asyncio.Future[None]]" = {}
         self.settings = federation.settings
         params = self.settings.strategy.resolved()
         self.buffer_size = int(params["buffer_size"])
@@ -77,6 +83,9 @@ class BufferedDriver:
         self._steps: "asyncio.Queue[Optional[Step]]" = asyncio.Queue()
         self._done = asyncio.Event()
         self._crash: Optional[BaseException] = None
+        # --max-concurrency: at most this many workers train at once (FedBuff's
+        # "concurrency"); the others wait their turn in arrival order. 0: every worker.
+        self._slots = asyncio.Semaphore(self.settings.max_concurrency) if self.settings.max_concurrency else None
 
     @property
     def last_version(self) -> int:
@@ -97,10 +106,8 @@ class BufferedDriver:
 
     async def steps(self) -> AsyncIterator[Step]:
         """Run the fleet until the last version is made; yield each step as it is made."""
-        names = self.federation.strategy.select(self.version + 1, self.federation.roster.names)
-        loops = [asyncio.ensure_future(self._keep_busy(name)) for name in names]
-        for loop in loops:
-            loop.add_done_callback(self._ended)
+        for name in self.federation.strategy.select(self.version + 1, self.federation.roster.names):
+            self._start(name)
         # A round's every attempt may take round_timeout: no step for that long is a
         # fleet that cannot make one (all down, or refusing), not a slow one.
         patience = self.settings.round_timeout * (self.settings.round_retries + 1)
@@ -117,12 +124,35 @@ class BufferedDriver:
                     if self._crash is not None:
                         raise self._crash
                     return
+                self._look_for_joins()
                 yield step
         finally:
             self._done.set()
+            loops = list(self._loops.values()) + ([self._looking] if self._looking is not None else [])
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+
+    def _start(self, name: str) -> None:
+        loop = self._loops[name] = asyncio.ensure_future(self._keep_busy(name))
+        loop.add_done_callback(self._ended)
+
+    def _look_for_joins(self) -> None:
+        """One lookup at a time, beside training (never awaited by a step)."""
+        if self._look_again is not None and (self._looking is None or self._looking.done()):
+            self._looking = asyncio.ensure_future(self._join_found())
+
+    async def _join_found(self) -> None:
+        assert self._look_again is not None
+        try:
+            await self._look_again()
+        except Exception:  # the workers known train on; the next step looks again
+            log.warning("version=%d: looking up workers failed", self.version, exc_info=True)
+            return
+        for name in self.federation.roster.names:
+            if name not in self._loops and not self._done.is_set():
+                log.info("version=%d worker=%s joined: training from the next version", self.version, name)
+                self._start(name)
 
     def _ended(self, loop: "asyncio.Future[None]") -> None:
         """A worker's loop ends with the run, or on an error that is no failed call (a
@@ -141,34 +171,44 @@ class BufferedDriver:
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            base = self.version
-            self.dispatched += 1
-            number = self.dispatched
-            config = federation.strategy.configure(base, replace(self.settings.train, lr=self.lr(base)))
-            federation.board.worker_training(name)
-            asked = time.perf_counter()
-            try:
-                update = await federation.train_on(name, number, config, self.models[base])
-            except JetfedError as failure:  # a failed call: recorded, backed off, asked again
-                federation.forget(name)
-                reason = describe_failure(failure)
-                self.failed[name] = reason
-                delay = federation.roster.failed(name, reason)
-                federation.board.worker_failed(name, reason)
-                log.warning("version=%d worker=%s status=%s retry_in=%.1fs", self.version, name, reason, delay)
-                continue
-            problem = federation.claim_problem(update, config)
-            if problem:
-                self.failed[name] = problem
-                federation.roster.failed(name, problem)
-                federation.board.worker_failed(name, problem)
-                continue
-            seconds = time.perf_counter() - asked
-            self.pace[name] = seconds if name not in self.pace else 0.7 * self.pace[name] + 0.3 * seconds
-            federation.roster.succeeded(name, self.version)
-            federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss, base,
-                                         self.version - base)
-            self._arrive(_Arrival(update, base, number))
+            if self._slots is not None:
+                async with self._slots:
+                    await self._train_once(name)
+            else:
+                await self._train_once(name)
+
+    async def _train_once(self, name: str) -> None:
+        """One update of `name`'s, from the newest model now: dispatched, trained,
+        checked and handed in; a failure is recorded and backed off."""
+        federation = self.federation
+        base = self.version
+        self.dispatched += 1
+        number = self.dispatched
+        config = federation.strategy.configure(base, replace(self.settings.train, lr=self.lr(base)))
+        federation.board.worker_training(name)
+        asked = time.perf_counter()
+        try:
+            update = await federation.train_on(name, number, config, self.models[base])
+        except JetfedError as failure:  # a failed call: recorded, backed off, asked again
+            federation.forget(name)
+            reason = describe_failure(failure)
+            self.failed[name] = reason
+            delay = federation.roster.failed(name, reason)
+            federation.board.worker_failed(name, reason)
+            log.warning("version=%d worker=%s status=%s retry_in=%.1fs", self.version, name, reason, delay)
+            return
+        problem = federation.claim_problem(update, config)
+        if problem:
+            self.failed[name] = problem
+            federation.roster.failed(name, problem)
+            federation.board.worker_failed(name, problem)
+            return
+        seconds = time.perf_counter() - asked
+        self.pace[name] = seconds if name not in self.pace else 0.7 * self.pace[name] + 0.3 * seconds
+        federation.roster.succeeded(name, self.version)
+        federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss, base,
+                                     self.version - base)
+        self._arrive(_Arrival(update, base, number))
 
     def _arrive(self, arrival: _Arrival) -> None:
         staleness = self.version - arrival.base_version

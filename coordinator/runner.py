@@ -128,8 +128,8 @@ async def _run(
         board.first_round = first
         log.info("run=%s out=%s first_round=%d%s", federation.run_id, settings.out_dir, first,
                  " resumed" if first > 1 else "")
-        if settings.strategy.asynchronous:  # its workers are those named at the start
-            return await _versions(settings, federation, metrics, first)
+        if settings.strategy.asynchronous:
+            return await _versions(settings, federation, metrics, first, dns)
         return await _rounds(settings, federation, metrics, first, dns)
     except BaseException as exc:
         board.end(describe_failure(exc) if isinstance(exc, Exception) else "stopped")
@@ -208,9 +208,11 @@ async def _rounds(
 
 async def _versions(
     settings: RunSettings, federation: Federation, metrics: report.MetricsLog, first: int,
+    dns: Optional[WorkerDns] = None,
 ) -> RunSummary:
     """Connect, then let the asynchronous driver make versions `first`..N; each is
-    committed once its evaluation (if due) is done, while the fleet trains on."""
+    committed once its evaluation (if due) is done, while the fleet trains on; with
+    `dns`, workers it names later join after a step."""
     board, say, telemetry = federation.board, federation.say, federation.telemetry
     model_path = settings.out_dir / "model.safetensors"
     final: Optional[Score] = None
@@ -220,7 +222,7 @@ async def _versions(
     connect_seconds = time.perf_counter() - started
     say(f"Training asynchronously with {settings.strategy.describe()}: versions {first}..{settings.rounds}, "
         f"evaluated every {settings.eval_every}")
-    driver = BufferedDriver(federation, first)
+    driver = BufferedDriver(federation, first, (lambda: _look_again(dns, federation)) if dns is not None else None)
     groups = await federation.label_groups()
     last = time.perf_counter()
     eval_total = 0.0
@@ -256,6 +258,7 @@ async def _versions(
     with _writing(model_path, "free space, then --resume writes it from the last checkpoint"):
         checkpoint.write_model(model_path, federation.global_weights.state, federation.model, settings.rounds)
     board.end()
+    settings = federation.settings  # with the workers that joined
     total = time.perf_counter() - started - connect_seconds
     return RunSummary(
         rounds=settings.rounds - first + 1, final_score=final, connect_seconds=connect_seconds,

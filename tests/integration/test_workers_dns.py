@@ -1,7 +1,9 @@
 """A federation whose workers come from DNS (--workers-dns): three real worker
 processes on 127.0.0.1, .2 and .3 (all loopback on Linux), one port, as a headless
 Service's pods would be; only the resolver is a stub, at its seam. The third appears in
-DNS between rounds and joins; a failed lookup in between keeps the roster."""
+DNS between rounds and joins; a failed lookup in between keeps the roster. The same
+three processes serve an asynchronous run too, where a worker found after a server step
+starts training at once."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import logging
 import subprocess
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 from coordinator.discovery import Address
 from coordinator.runner import run
 from coordinator.settings import RunSettings
+from coordinator.strategies.registry import StrategySpec
 from jetfed.config import TrainConfig
 from tests.conftest import free_port
 from tests.integration.processes import START_TIMEOUT_S, Process, jetfed_command, stop, wait_serving
@@ -53,27 +56,39 @@ class Dns:
         return [(ip, port) for ip in hosts]
 
 
-def test_workers_named_by_dns_train_and_a_new_one_joins_between_rounds(
-    tiny_mnist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-) -> None:
-    port = free_port()
-    processes = [start_on(name, host, port, labels, tiny_mnist, tmp_path) for name, (host, labels) in BOARDS.items()]
+@pytest.fixture(scope="module")
+def boards(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The three worker processes on one port; yields the port."""
+    port, logs = free_port(), tmp_path_factory.mktemp("boards")
+    processes = [start_on(name, host, port, labels, tiny_mnist, logs) for name, (host, labels) in BOARDS.items()]
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         for process in processes:
             wait_serving(process, deadline)
-        settings = RunSettings(
-            workers={}, evaluator=None, workers_dns=f"{TARGET}:{port}", out_dir=tmp_path / "run", rounds=4,
-            train=TrainConfig(lr=0.1, batch_size=32, max_batches=2, seed=1), round_timeout=60.0,
-            connect_timeout=20.0, max_backoff=1.0,
-        ).validated()
-        dns = Dns()
-        lines: List[str] = []
-        with caplog.at_level(logging.INFO, logger="coordinator.discovery"):
-            summary = asyncio.run(run(settings, say=lines.append, resolve=dns))
+        yield port
     finally:
         codes = stop(processes)
     assert all(code == 0 for code in codes.values()), codes
+
+
+def settings_for(port: int, out: Path, **changes: Any) -> RunSettings:
+    values: Dict[str, Any] = dict(
+        workers={}, evaluator=None, workers_dns=f"{TARGET}:{port}", out_dir=out, rounds=4,
+        train=TrainConfig(lr=0.1, batch_size=32, max_batches=2, seed=1), round_timeout=60.0,
+        connect_timeout=20.0, max_backoff=1.0,
+    )
+    return RunSettings(**{**values, **changes}).validated()
+
+
+def test_workers_named_by_dns_train_and_a_new_one_joins_between_rounds(
+    boards: int, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = boards
+    settings = settings_for(port, tmp_path / "run")
+    dns = Dns()
+    lines: List[str] = []
+    with caplog.at_level(logging.INFO, logger="coordinator.discovery"):
+        summary = asyncio.run(run(settings, say=lines.append, resolve=dns))
     assert dns.calls == [TARGET] * 4  # the start, then once before each later round
     assert f"DNS named 2 workers: alice at 127.0.0.1:{port}, bob at 127.0.0.2:{port}" in lines
     joined = f"Worker charlie joined at 127.0.0.3:{port} ({TARGET}:{port})"
@@ -84,3 +99,20 @@ def test_workers_named_by_dns_train_and_a_new_one_joins_between_rounds(
     failed = [r.getMessage() for r in caplog.records if "lookup failed" in r.getMessage()]
     assert failed == [f"workers_dns={TARGET}:{port} lookup failed (Temporary failure in name resolution); the "
                       "workers known so far go on"]
+
+
+def test_an_asynchronous_run_takes_a_worker_dns_names_after_a_step(boards: int, tmp_path: Path) -> None:
+    port = boards
+    settings = settings_for(port, tmp_path / "run", rounds=8, max_concurrency=2,
+                            strategy=StrategySpec("fedbuff", {"buffer_size": 2}))
+    dns = Dns()  # lookup 1 at the start, 2 after version 1 (fails), 3 after version 2 names charlie
+    lines: List[str] = []
+    summary = asyncio.run(run(settings, say=lines.append, resolve=dns))
+    joined = f"Worker charlie joined at 127.0.0.3:{port} ({TARGET}:{port})"
+    assert joined in lines
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in records] == list(range(1, 9))
+    assert all("charlie" not in r["workers"] for r in records[:2])
+    assert any("charlie" in r["workers"] for r in records)
+    assert summary.workers == 3 and summary.never_contributed == []
+    assert len(dns.calls) >= 3

@@ -69,3 +69,36 @@ def test_a_fleet_that_makes_no_step_ends_the_run_with_the_reason(tiny_mnist: Pat
             asyncio.run(run(settings, say=lambda line: None, fleet=Fleet(refusing, fleet.evaluator)))
     finally:
         trainer.close()
+
+
+class Counted(LocalWorker):
+    """Counts the Train calls in flight across the fleet (shared list: [now, most])."""
+
+    def __init__(self, name, trainer, data, gauge: List[int]) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(name, trainer, data)
+        self.gauge = gauge
+
+    async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
+        self.gauge[0] += 1
+        self.gauge[1] = max(self.gauge[1], self.gauge[0])
+        try:
+            await asyncio.sleep(0.01)  # every loop gets to ask for its turn meanwhile
+            return await super().train(round_number, config, weights, timeout)
+        finally:
+            self.gauge[0] -= 1
+
+
+@pytest.mark.parametrize("bound, most", [(1, 1), (0, 2)])
+def test_max_concurrency_bounds_the_workers_training_at_once(tiny_mnist: Path, tmp_path: Path, bound: int,
+                                                             most: int) -> None:
+    fleet, trainer, settings = fleet_and_settings(tiny_mnist, tmp_path, "--strategy", "fedbuff", "--strategy-param", "buffer_size=1",
+                                                  "--rounds", "6", "--max-concurrency", str(bound))
+    gauge = [0, 0]
+    counted = {name: Counted(name, w._trainer, w.data, gauge) for name, w in fleet.workers.items()}
+    try:
+        asyncio.run(run(settings, say=lambda line: None, fleet=Fleet(counted, fleet.evaluator)))
+    finally:
+        trainer.close()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert gauge[1] == most
+    assert {w for r in records for w in r["workers"]} == {"alice", "bob"}  # each got its turn
