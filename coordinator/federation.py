@@ -21,6 +21,8 @@ from coordinator.failures import Failure, Kind, describe_failure
 from coordinator.fleet_model import FleetModel, ServiceModel, agree
 from coordinator.initial_weights import Start
 from coordinator.roster import Roster
+from coordinator.secure_client import SecureWorkerClient
+from coordinator.secure_rounds import SecureRounds
 from coordinator.settings import MAX_PAYLOAD_BYTES, RunSettings
 from coordinator.strategies.base import Accumulator, Contribution
 from jetfed import codec, compression, privacy, stream, tls
@@ -135,6 +137,14 @@ class Federation:
         self._expected: Optional[Tuple[str, Tuple[Any, ...], int]] = None
         # How the global model travels to a worker that holds an earlier one (jetfed.compression).
         self._downlink = compression.Encoding.parse(settings.downlink_encoding, "downlink_encoding")
+        # Secure aggregation: rounds of masked updates whose sum alone the coordinator learns.
+        self._secure: Optional[SecureRounds] = None
+        if settings.secure_aggregation:
+            if fleet is not None:
+                raise RunFailed("--secure-aggregation: jetfed simulate's in-process workers do not run it; "
+                                "run the workers as services (jetfed worker)")
+            self._secure = SecureRounds(threshold=settings.secagg_resolved_threshold, clip=settings.secagg_clip,
+                                        max_workers=settings.secagg_max_workers or len(settings.workers))
         if fleet is None:
             self.workers: Dict[str, Any] = {name: self._client(name, address)
                                             for name, address in settings.workers.items()}
@@ -155,7 +165,7 @@ class Federation:
         self._evaluation_slots: Optional[asyncio.Semaphore] = None
 
     def _client(self, name: str, address: str) -> WorkerClient:
-        return WorkerClient(name, address, self.settings.chunk_bytes, credentials=self._credentials,
+        return (SecureWorkerClient if self._secure is not None else WorkerClient)(name, address, self.settings.chunk_bytes, credentials=self._credentials,
                             metadata=self._metadata, telemetry=self.telemetry, run_id=self._run_id)
 
     async def join(self, name: str, address: str) -> None:
@@ -249,6 +259,8 @@ class Federation:
             self.say(f"Fleet ready after {time.perf_counter() - started:.2f}s: {answered} of {len(self.workers)} "
                       f"workers{' and the evaluator' if self._evaluator_info is not None else ''}")
         self.say(f"Running {fleet.describe()}; initial weights: {source}")
+        if self._secure is not None:
+            await self._secure.setup(self)
         log.info("fleet %s reference=%s digest=%s initial=%s", fleet.describe(), fleet.reference, fleet.digest,
                  source)
 
@@ -385,7 +397,8 @@ class Federation:
 
     def _scores_updates(self, round_number: int) -> bool:
         """Whether this round's updates are scored one by one (evaluate_round)."""
-        return self.settings.score_updates and self.evaluator is not None and self.settings.evaluates(round_number)
+        return (self.settings.score_updates and self.evaluator is not None and self._secure is None
+                and self.settings.evaluates(round_number))
 
     async def _attempt(
         self, round_number: int, names: List[str], record: Dict[str, Any], hold_all: bool = False,
@@ -553,7 +566,12 @@ class Federation:
         for attempt in range(1, settings.round_retries + 2):
             names = self.strategy.select(round_number, self.roster.due(everyone=attempt > 1))
             record["skipped"] = [n for n in self.roster.names if n not in names]
-            outcome = await self._attempt(round_number, names, record)
+            if self._secure is not None:  # the masked updates' sum only (coordinator.secure_rounds)
+                secure = await self._secure.attempt(self, round_number, names, record)
+                record["secure_aggregation"] = secure.note
+                outcome = _Attempt(updates=secure.updates)
+            else:
+                outcome = await self._attempt(round_number, names, record)
             if outcome.lost_bets:
                 log.warning("round=%d: %d updates are over --max-norm-ratio x the median, more than the %d the "
                             "coordinator holds to scale them (--max-concurrency); asking again, holding every "
@@ -570,7 +588,10 @@ class Federation:
                 await asyncio.sleep(pause)
         else:
             raise RunFailed(self._missed_quorum(round_number, len(updates), record["failed"]))
-        if outcome.step is None:
+        if self._secure is not None:
+            clipped = {}
+            new_state = self._secure.step(self.strategy, self.global_weights.state, secure, round_number)
+        elif outcome.step is None:
             states, clipped = screening.clip_to_bound({u.worker: u.weights.state for u in updates},
                                                       self.global_weights.state, norms, settings.max_norm_ratio)
             contributions = [Contribution(u.worker, states[u.worker], u.num_examples, round_number - 1)
@@ -594,7 +615,8 @@ class Federation:
             "clipped": clipped,
             "updates": {
                 u.worker: {"num_examples": u.num_examples, "mean_loss": u.mean_loss,
-                           "train_seconds": u.train_seconds, "device": u.device, "delta_norm": norms[u.worker],
+                           "train_seconds": u.train_seconds, "device": u.device,
+                           **({"delta_norm": norms[u.worker]} if u.worker in norms else {}),
                            **u.traffic(), **({"epsilon": u.epsilon, "delta": u.delta} if u.epsilon else {})}
                 for u in updates
             },
