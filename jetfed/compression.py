@@ -38,6 +38,7 @@ TOPK = "topk"
 KINDS = (RAW, FP16, BF16, INT8, INT8_CHANNEL, TOPK)
 SCALE_PREFIX = "scale/"
 INDEX_PREFIX = "index/"
+MASK_PREFIX = "mask/"
 FULL = "full"
 DELTA = "delta"
 INT8_MAX = 127
@@ -115,6 +116,12 @@ def _numel(shape: Tuple[int, ...]) -> int:
     return count
 
 
+def uses_mask(numel: int, k: int) -> bool:
+    """Whether top-k's positions travel as a bitmask (numel bits) rather than as k
+    int32 indices: whichever is smaller, the indices on a tie."""
+    return (numel + 7) // 8 < 4 * k
+
+
 def _channels(shape: Tuple[int, ...]) -> int:
     """Scales of an int8-channel tensor: one per slice of the first dimension for two
     dimensions or more, else one."""
@@ -139,7 +146,11 @@ def payload_spec(spec: Tuple[TensorInfo, ...], encoding: Encoding) -> Tuple[Tens
         elif encoding.kind == TOPK:
             k = topk_count(_numel(info.shape), encoding.fraction)
             out.append(TensorInfo(info.name, "I8", (k,)))
-            out.append(TensorInfo(INDEX_PREFIX + info.name, "I32", (k,)))
+            numel = _numel(info.shape)
+            if uses_mask(numel, k):
+                out.append(TensorInfo(MASK_PREFIX + info.name, "U8", ((numel + 7) // 8,)))
+            else:
+                out.append(TensorInfo(INDEX_PREFIX + info.name, "I32", (k,)))
             out.append(TensorInfo(SCALE_PREFIX + info.name, "F32", (1,)))
         else:
             raise UnknownEncoding(f"encoding: {encoding.kind!r} is not one this peer knows ({', '.join(KINDS)})")
@@ -186,7 +197,10 @@ def encode(state: Mapping[str, torch.Tensor], encoding: Encoding) -> StateDict:
             values = flat[index]
             scale = (values.abs().max() / INT8_MAX).reshape(1) if k else torch.zeros(1)
             out[name] = _quantize(values, scale).contiguous()
-            out[INDEX_PREFIX + name] = index.to(torch.int32).contiguous()
+            if uses_mask(flat.numel(), k):
+                out[MASK_PREFIX + name] = _pack_mask(index, flat.numel())
+            else:
+                out[INDEX_PREFIX + name] = index.to(torch.int32).contiguous()
             out[SCALE_PREFIX + name] = scale.to(torch.float32).contiguous()
         else:
             raise UnknownEncoding(f"encoding: {encoding.kind!r} is not one this peer knows ({', '.join(KINDS)})")
@@ -242,8 +256,12 @@ def decode(payload: Mapping[str, torch.Tensor], spec: Tuple[TensorInfo, ...], en
             numel = _numel(shape)
             k = topk_count(numel, encoding.fraction)
             q = _take(payload, name, torch.int8, (k,))
-            index = _take(payload, INDEX_PREFIX + name, torch.int32, (k,)).to(torch.int64)
             scale = _scales(payload, name, 1)
+            if uses_mask(numel, k):
+                index = _unpack_mask(_take(payload, MASK_PREFIX + name, torch.uint8, ((numel + 7) // 8,)), numel, k,
+                                     MASK_PREFIX + name)
+            else:
+                index = _take(payload, INDEX_PREFIX + name, torch.int32, (k,)).to(torch.int64)
             if k and (int(index.min()) < 0 or int(index.max()) >= numel):
                 raise BadEncoding(f"payload: {INDEX_PREFIX}{name} holds an index outside 0..{numel - 1}")
             if k > 1 and not bool((index[1:] > index[:-1]).all()):
@@ -255,6 +273,28 @@ def decode(payload: Mapping[str, torch.Tensor], spec: Tuple[TensorInfo, ...], en
         else:
             raise UnknownEncoding(f"encoding: {encoding.kind!r} is not one this peer knows ({', '.join(KINDS)})")
     return out
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def _pack_mask(index: torch.Tensor, numel: int) -> torch.Tensor:
+    """Positions as a bitmask: bit i (least significant first) of byte j is element 8j+i."""
+    bits = torch.zeros(((numel + 7) // 8) * 8, dtype=torch.uint8)
+    bits[index] = 1
+    return (bits.reshape(-1, 8) << _BITS).sum(dim=1).to(torch.uint8).contiguous()
+
+
+def _unpack_mask(mask: torch.Tensor, numel: int, k: int, name: str) -> torch.Tensor:
+    """The increasing positions a bitmask marks; refused unless exactly k are marked,
+    none past the tensor's end."""
+    bits = ((mask.unsqueeze(1) >> _BITS) & 1).reshape(-1)
+    if bool(bits[numel:].any()):
+        raise BadEncoding(f"payload: {name} marks positions past the tensor's {numel} elements")
+    index = torch.nonzero(bits[:numel]).reshape(-1)
+    if index.numel() != k:
+        raise BadEncoding(f"payload: {name} marks {index.numel()} positions, not the {k} top-k sends")
+    return index
 
 
 def delta(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> StateDict:

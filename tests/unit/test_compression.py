@@ -108,14 +108,35 @@ def test_topk_keeps_exactly_k_largest() -> None:
     x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     encoding = Encoding.parse("topk:0.05")
     payload = compression.encode({"x": x}, encoding)
-    assert payload["x"].shape == (50,) and payload["index/x"].shape == (50,)
+    assert payload["x"].shape == (50,) and payload["mask/x"].shape == (125,)  # 125 bytes < 50 int32 indices
     assert compression.topk_count(1000, 0.05) == 50
     out = compression.decode(payload, codec.spec_of({"x": x}), encoding)["x"]
     assert int((out != 0).sum()) <= 50
-    expected = set(torch.topk(x.abs(), 50).indices.tolist())
-    assert set(payload["index/x"].tolist()) == expected
-    kept = out[payload["index/x"].long()]
-    assert float((kept - x[payload["index/x"].long()]).abs().max()) <= float(x.abs().max()) / 254 * (1 + 1e-5)
+    expected = sorted(torch.topk(x.abs(), 50).indices.tolist())
+    bits = [(int(payload["mask/x"][i // 8]) >> (i % 8)) & 1 for i in range(1000)]
+    assert [i for i, b in enumerate(bits) if b] == expected
+    kept = out[expected]
+    assert float((kept - x[expected]).abs().max()) <= float(x.abs().max()) / 254 * (1 + 1e-5)
+    sparse = compression.encode({"x": x}, Encoding.parse("topk:0.01"))  # 10 indices, 40 bytes < 125
+    assert sorted(sparse["index/x"].tolist()) == sparse["index/x"].tolist() == sorted(
+        torch.topk(x.abs(), 10).indices.tolist())
+
+
+def test_hostile_masks_are_refused() -> None:
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    encoding = Encoding.parse("topk:0.05")
+    payload = compression.encode({"x": x}, encoding)
+    spec = codec.spec_of({"x": x})
+    extra = payload["mask/x"].clone()
+    extra[0] = 255
+    with pytest.raises(BadEncoding, match="marks .* positions, not the 50"):
+        compression.decode(dict(payload, **{"mask/x": extra}), spec, encoding)
+    odd = {"x": torch.randn(1001)}  # 126 bytes, 7 bits past the end
+    payload = compression.encode(odd, encoding)
+    past = payload["mask/x"].clone()
+    past[-1] |= 0x80
+    with pytest.raises(BadEncoding, match="past the tensor's 1001 elements"):
+        compression.decode(dict(payload, **{"mask/x": past}), codec.spec_of(odd), encoding)
 
 
 def test_topk_of_a_tiny_tensor_keeps_one() -> None:
@@ -167,14 +188,14 @@ def test_encoding_is_deterministic() -> None:
 
 
 def _topk_payload() -> tuple:
-    x = torch.randn(100, generator=torch.Generator().manual_seed(4))
-    encoding = Encoding.parse("topk:0.05")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    encoding = Encoding.parse("topk:0.005")  # 5 of 1000: 20 bytes of indices, 125 of mask
     return compression.encode({"x": x}, encoding), codec.spec_of({"x": x}), encoding
 
 
 @pytest.mark.parametrize("index,match", [
-    ([0, 1, 2, 3, 100], "outside 0..99"),
-    ([-1, 1, 2, 3, 4], "outside 0..99"),
+    ([0, 1, 2, 3, 1000], "outside 0..999"),
+    ([-1, 1, 2, 3, 4], "outside 0..999"),
     ([0, 1, 1, 3, 4], "strictly increasing"),
     ([4, 3, 2, 1, 0], "strictly increasing"),
 ])
