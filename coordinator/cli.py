@@ -57,7 +57,8 @@ DEFAULTS = {
     "chunk_bytes": stream.DEFAULT_CHUNK_BYTES, "max_payload_bytes": None,
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
     "round_retries": 3, "max_backoff": 30.0, "max_concurrency": 0, "resume": False, "log_level": "INFO", "status_address": None,
-    "metrics_address": None,
+    "metrics_address": None, "secure_aggregation": False, "secagg_threshold": 0, "secagg_clip": 1.0,
+    "secagg_max_workers": 0,
 }
 
 
@@ -129,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="HOST:PORT")
     flag("--metrics-address", "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9781",
          metavar="HOST:PORT")
+    flag("--secure-aggregation", "the coordinator learns only the sum of the workers' updates (pairwise masks, "
+         "Bonawitz et al. 2017): needs 3 workers or more and a sum-only strategy (fedavg, fedprox, fedavgm, "
+         "fedadam, fedyogi, fedadagrad); updates are then neither scored nor screened one by one",
+         action="store_true")
+    flag("--secagg-threshold", "secure aggregation: workers whose shares rebuild a dropped worker's masks "
+         "(0 = a majority; at most the workers less one)", type=int, metavar="T")
+    flag("--secagg-clip", "secure aggregation: each update coordinate is clipped to [-CLIP, CLIP] before its "
+         "fixed-point encoding (at least 1)", type=float, metavar="CLIP")
+    flag("--secagg-max-workers", "secure aggregation: the most workers a round's sum holds, which sets the "
+         "fixed-point scale (0 = the workers given)", type=int, metavar="N")
     flag("--resume", "continue the run in --out from its last checkpoint", action="store_true")
     flag("--log-level")
     tls.add_tls_arguments(p)
@@ -180,6 +191,8 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         round_retries=values["round_retries"], max_backoff=values["max_backoff"],
         max_concurrency=values["max_concurrency"], resume=values["resume"],
         status_address=values["status_address"], metrics_address=values["metrics_address"],
+        secure_aggregation=values["secure_aggregation"], secagg_threshold=values["secagg_threshold"],
+        secagg_clip=values["secagg_clip"], secagg_max_workers=values["secagg_max_workers"],
         tls=tls.TlsFiles.from_flags(values.get("tls_cert"), values.get("tls_key"), values.get("tls_ca")),
         token=read_token(values.get("token_file")),
     ).validated()

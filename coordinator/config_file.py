@@ -24,7 +24,10 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 _SECTIONS: Dict[str, Dict[str, type]] = {
     "federation": {"rounds": int, "eval_every": int, "task": str, "model": str, "init_weights": str, "seed": int,
-                   "out": str, "status_address": str, "metrics_address": str, "workers_dns": str},
+                   "out": str, "status_address": str, "metrics_address": str, "workers_dns": str,
+                   # Secure aggregation (coordinator.secure_rounds): false is today's plain rounds.
+                   "secure_aggregation": bool, "secagg_threshold": int, "secagg_clip": float,
+                   "secagg_max_workers": int},
     "training": {
         "optimizer": str, "lr": float, "lr_decay": float, "lr_min_factor": float, "momentum": float,
         "batch_size": int, "batches": int, "epochs": int, "weighting": str, "max_norm_ratio": float,

@@ -46,3 +46,15 @@ def test_settings_that_cannot_fit_are_refused(fields, words: str) -> None:
 
 def test_off_by_default() -> None:
     assert not RunSettings(workers=WORKERS, evaluator=None, out_dir=Path("out")).validated().secure_aggregation
+
+
+def test_the_flag_and_the_config_key(tmp_path: Path) -> None:
+    from coordinator.cli import parse_args, settings_from
+
+    workers = ["--worker", "a=h:1", "--worker", "b=h:2", "--worker", "c=h:3"]
+    assert settings_from(parse_args([*workers, "--secure-aggregation", "--secagg-clip", "2"])).secagg_clip == 2.0
+    config = tmp_path / "federation.toml"
+    config.write_text("[federation]\nsecure_aggregation = true\n[strategy]\nname = \"krum\"\n")
+    with pytest.raises(InvalidConfig, match="^--secure-aggregation: strategy krum"):
+        settings_from(parse_args(["--config", str(config), *workers]))
+    assert not settings_from(parse_args(workers)).secure_aggregation
