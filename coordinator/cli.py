@@ -58,7 +58,7 @@ DEFAULTS = {
     "round_timeout": 300.0, "eval_timeout": 300.0, "connect_timeout": 60.0, "min_workers": None,
     "round_retries": 3, "max_backoff": 30.0, "max_concurrency": 0, "resume": False, "log_level": "INFO", "status_address": None,
     "metrics_address": None, "secure_aggregation": False, "secagg_threshold": 0, "secagg_clip": 1.0,
-    "secagg_max_workers": 0,
+    "secagg_max_workers": 0, "uplink_encoding": "raw", "downlink_encoding": "raw",
 }
 
 
@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a strategy parameter, repeatable, e.g. --strategy-param momentum=0.7 (over [strategy]'s)")
     flag("--max-norm-ratio", "scale down an update whose change to the global model is over this multiple of "
          "the round's median change (needs 3 updates or more)", type=float)
+    flag("--uplink-encoding", "how workers send their updates: raw (whole, fp32), or as the difference from the "
+         "model they got, encoded: fp16, bf16, int8, int8-channel, topk:FRACTION (e.g. topk:0.05, with error "
+         "feedback on the worker)", metavar="ENCODING")
+    flag("--downlink-encoding", "how the global model goes to a worker holding an earlier one: raw (whole), or "
+         "as the difference from it, encoded like --uplink-encoding", metavar="ENCODING")
     flag("--out", "output folder (default: runs/<timestamp>)", type=Path)
     flag("--chunk-bytes", type=int)
     flag("--max-payload-bytes", "largest update accepted from a worker (default: the model's size plus 10%% and 1 MiB)",
@@ -171,6 +176,7 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         batch_size=values["batch_size"], max_batches=values["batches"], epochs=values["epochs"], seed=values["seed"],
         noise_multiplier=values["dp_noise_multiplier"], max_grad_norm=values["dp_max_grad_norm"],
         dp_delta=values["dp_delta"], epsilon_budget=values["dp_epsilon_budget"],
+        uplink_encoding=values["uplink_encoding"],
     )
     out = values["out"]
     if values["min_workers"] == "all" and values["workers_dns"]:
@@ -190,6 +196,7 @@ def settings_from(values: Dict[str, Any]) -> RunSettings:
         min_workers=len(workers) if values["min_workers"] == "all" else values["min_workers"],
         round_retries=values["round_retries"], max_backoff=values["max_backoff"],
         max_concurrency=values["max_concurrency"], resume=values["resume"],
+        downlink_encoding=values["downlink_encoding"],
         status_address=values["status_address"], metrics_address=values["metrics_address"],
         secure_aggregation=values["secure_aggregation"], secagg_threshold=values["secagg_threshold"],
         secagg_clip=values["secagg_clip"], secagg_max_workers=values["secagg_max_workers"],

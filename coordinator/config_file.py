@@ -27,7 +27,9 @@ _SECTIONS: Dict[str, Dict[str, type]] = {
                    "out": str, "status_address": str, "metrics_address": str, "workers_dns": str,
                    # Secure aggregation (coordinator.secure_rounds): false is today's plain rounds.
                    "secure_aggregation": bool, "secagg_threshold": int, "secagg_clip": float,
-                   "secagg_max_workers": int},
+                   "secagg_max_workers": int,
+                   # Compressed weights (jetfed.compression): "raw" is today's whole fp32 model.
+                   "uplink_encoding": str, "downlink_encoding": str},
     "training": {
         "optimizer": str, "lr": float, "lr_decay": float, "lr_min_factor": float, "momentum": float,
         "batch_size": int, "batches": int, "epochs": int, "weighting": str, "max_norm_ratio": float,

@@ -265,3 +265,18 @@ def test_run_settings_refuse_an_unknown_downlink_encoding(tmp_path) -> None:
         RunSettings(workers={"a": "h:1"}, evaluator=None, out_dir=tmp_path, downlink_encoding="gzip").validated()
     with pytest.raises(InvalidConfig, match="uplink_encoding: 'topk:2' |top-k fraction 2.0"):
         TrainConfig(uplink_encoding="topk:2").validated()
+
+
+def test_flags_and_federation_toml_reach_the_settings(tmp_path) -> None:
+    from coordinator import cli
+
+    config = tmp_path / "federation.toml"
+    config.write_text('[federation]\nuplink_encoding = "int8"\ndownlink_encoding = "topk:0.05"\n')
+    settings = cli.settings_from(cli.parse_args(["--config", str(config), "--worker", "a=h:1"]))
+    assert (settings.train.uplink_encoding, settings.downlink_encoding) == ("int8", "topk:0.05")
+    settings = cli.settings_from(cli.parse_args(["--config", str(config), "--worker", "a=h:1",
+                                                 "--uplink-encoding", "topk:0.01", "--downlink-encoding", "raw"]))
+    assert (settings.train.uplink_encoding, settings.downlink_encoding) == ("topk:0.01", "raw")
+    assert cli.settings_from(cli.parse_args(["--worker", "a=h:1"])).downlink_encoding == "raw"
+    with pytest.raises(InvalidConfig, match="uplink_encoding: 'zip'"):
+        cli.settings_from(cli.parse_args(["--worker", "a=h:1", "--uplink-encoding", "zip"]))
