@@ -335,7 +335,8 @@ def test_protected_names_are_checked():
         CallerAuthorization(PROTECTED, {"coordinator"}, "")
     assert service_methods(WORKER_SERVICE) == {
         "/jetfed.v1.Worker/Train", "/jetfed.v1.Worker/Evaluate", "/jetfed.v1.Worker/EndRun",
-        "/jetfed.v1.Worker/InitialWeights",
+        "/jetfed.v1.Worker/InitialWeights", "/jetfed.v1.Worker/SecAggAdvertise",
+        "/jetfed.v1.Worker/SecAggShareKeys", "/jetfed.v1.Worker/SecAggUnmask",
     }
 
 
