@@ -330,6 +330,34 @@ def plot_staleness(ax: Any, rounds: Sequence[Round], colours: Dict[str, str]) ->
     ax.legend(loc="upper right", fontsize="small", ncol=4)
 
 
+def private(rounds: Sequence[Round]) -> bool:
+    """Whether the run trained with DP-SGD on its workers (metrics.jsonl "privacy")."""
+    return any("privacy" in r for r in rounds)
+
+
+def plot_privacy(axes: Any, rounds: Sequence[Round], colours: Dict[str, str]) -> None:
+    """Each worker's cumulative epsilon by round (its own accountant), and the global
+    model's accuracy against the largest of them: the accuracy-epsilon curve."""
+    ax = axes[0][0]
+    kept = [r for r in rounds if "privacy" in r]
+    workers = sorted({w for r in kept for w in r["privacy"]["epsilon"]})
+    for i, worker in enumerate(workers):
+        points = [(r["round"], r["privacy"]["epsilon"][worker]) for r in kept if worker in r["privacy"]["epsilon"]]
+        ax.plot(*zip(*points), label=worker, color=colours.get(worker, f"C{i % 10}"))
+    delta = kept[-1]["privacy"]["delta"] if kept else 0.0
+    ax.set(title=f"Each worker's epsilon (delta {delta:g})", xlabel="round", ylabel="epsilon")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    ax = axes[0][1]
+    curve = [(r["privacy"]["max_epsilon"], 100 * r["evaluation"][GLOBAL]["accuracy"]) for r in kept
+             if "accuracy" in (r.get("evaluation") or {}).get(GLOBAL, {})]
+    if curve:
+        ax.plot(*zip(*curve), marker="o", color="black")
+    ax.set(title="Global accuracy by the largest epsilon", xlabel="epsilon")
+    _percent_axis(ax)
+    ax.grid(alpha=0.3)
+
+
 def _grid(count: int, most: int = 4) -> Tuple[int, int]:
     cols = min(count, most)
     return -(-count // cols), cols
@@ -362,6 +390,9 @@ def draw(rounds: Sequence[Round], groups: Sequence[Group], out: Path, title: str
         plot_loss(figures["loss"], axes, rounds, names, colours, measure="the task's loss")
     figures["rounds"], axes = _figure(2, 1, sharex=True)
     plot_rounds(axes, rounds)
+    if private(rounds):
+        figures["privacy"], axes = _figure(1, 2)
+        plot_privacy(axes, rounds, colours)
     if asynchronous(rounds):
         workers = sorted({k.split("#", 1)[0] for r in rounds for k in (r.get("updates") or {})})
         figures["staleness"], axes = _figure()

@@ -306,3 +306,28 @@ def test_the_coordinators_dp_flags_and_federation_keys_reach_the_train_config(tm
     with pytest.raises(InvalidConfig, match="^dp_delta: "):
         cli.settings_from(cli.parse_args(["--worker", "a=127.0.0.1:1", "--dp-noise-multiplier", "1",
                                           "--dp-max-grad-norm", "1"])).validated()
+
+
+def test_a_dp_run_gets_a_privacy_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import json as _json
+
+    from coordinator.plots import main as plots_main
+    from tests.unit.test_plots import png_size, round_record
+
+    records = []
+    for n in range(1, 7):
+        record = round_record(n)
+        record["privacy"] = {"delta": 1e-5, "epsilon": {"alice": 1 + 0.1 * n, "bob": 1 + 0.2 * n},
+                             "max_epsilon": 1 + 0.2 * n}
+        records.append(record)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in records))
+    assert plots_main([str(run), "--out", str(tmp_path / "plots")]) == 0
+    assert png_size(tmp_path / "plots" / "privacy.png") == (1080, 600)
+    assert (tmp_path / "plots" / "privacy.png").stat().st_size > 20_000
+    # A run without DP gets none.
+    (run / "metrics.jsonl").write_text("".join(_json.dumps(round_record(n)) + "\n" for n in range(1, 4)))
+    assert plots_main([str(run), "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "privacy.png").exists()
