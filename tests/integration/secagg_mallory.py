@@ -9,7 +9,8 @@ serves several tests):
 - die-at-unmask: SIGKILLs itself when the unmask call arrives, i.e. between its masked
   Train reply and the unmask (the dropout that self-mask shares exist for);
 - garbage-vector: sends a uniformly random vector instead of its masked update;
-- garbage-shares: sends its self-mask shares all addressed to one holder."""
+- garbage-shares: sends its self-mask shares all addressed to one holder;
+- garbage-ciphertext: sends well-addressed self-mask shares of random bytes."""
 
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def _masked_result(self, run_id, message, base, trained, num_examples, model):
         first = masked.self_shares[0].holder
         for share in masked.self_shares:
             share.holder = first
+    elif mode() == "garbage-ciphertext":
+        for share in masked.self_shares:
+            share.ciphertext = os.urandom(len(share.ciphertext))
     return manifest, payload, masked
 
 

@@ -120,6 +120,19 @@ def test_a_garbage_vector_gets_the_round_refused_not_applied(fleet: Fleet, mallo
     assert not (tmp_path / "model.safetensors").exists()
 
 
+def test_self_mask_shares_that_do_not_open_get_the_round_refused(fleet: Fleet, mallory: Process,
+                                                                  tmp_path: Path) -> None:
+    """Well-addressed garbage: the holders refuse to open them, too few answer the
+    unmask, and the round is refused with nothing revealed (bounded, not survived)."""
+    set_mode(mallory, "garbage-ciphertext")
+    lines: List[str] = []
+    with pytest.raises(RunFailed, match="round 1: 0 updates"):
+        asyncio.run(run(settings_for(fleet_of(fleet, mallory=mallory), tmp_path, secure=True, rounds=1),
+                        say=lines.append))
+    assert any("secure aggregation refused the round" in line and "unmask responses, fewer than the threshold"
+               in line for line in lines), lines
+
+
 def test_a_worker_killed_between_masking_and_unmask_leaves_the_round_to_the_others(
         fleet: Fleet, mallory: Process, tmp_path: Path) -> None:
     """Last in the module: mallory is gone afterwards."""
