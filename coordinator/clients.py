@@ -71,15 +71,19 @@ class Weights:
 
     manifest: Manifest
     payload: codec.Payload
-    state: StateDict
+    # Equal payloads are equal models (the manifest names its SHA-256); tensors do not compare as a bool.
+    state: StateDict = field(compare=False)
     _chunks: Dict[int, wire.SerializedChunks] = field(default_factory=dict, compare=False, repr=False)
     _deltas: Dict[Tuple[str, compression.Encoding, int], "Downlink"] = field(
         default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, state: StateDict, model: str) -> "Weights":
+        """`state` encoded; the Weights' tensors then map the payload (as a received
+        one's do), so a new global model is held once as tensors-and-bytes, not as
+        `state` beside its payload (the caller drops `state`)."""
         manifest, payload = codec.encode(state, model)
-        return cls(manifest, payload, state)
+        return cls(manifest, payload, codec.decode(manifest, payload, manifest.sha256))
 
     def chunks(self, chunk_bytes: int) -> wire.SerializedChunks:
         """The payload as serialized chunk messages of `chunk_bytes`, made on first use."""
