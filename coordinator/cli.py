@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
          "(default: a majority of the workers)", type=parse_min_workers, metavar="N|all")
     flag("--round-retries", "attempts after a round misses its quorum", type=int)
     flag("--max-backoff", "longest wait in seconds before a failed worker is asked again", type=float)
-    flag("--max-concurrency", "Train calls in flight at once in a round, 0 = every worker at once; each worker's "
+    flag("--max-concurrency", "Train calls in flight at once, 0 = every worker at once; each worker's "
          "--round-timeout starts when its call does. A round asking more workers than N folds each update into "
          "the new model as it arrives (mean-type strategies), so memory stays O(N) updates; one asking N or "
-         "fewer is averaged as before, bit for bit", type=int, metavar="N")
+         "fewer is averaged as before, bit for bit. Asynchronous strategies (fedbuff, fedasync): at most N "
+         "workers train at once, the others wait their turn", type=int, metavar="N")
     flag("--status-address", "serve jetfed.v1.Coordinator (GetStatus, WatchStatus) here, e.g. 127.0.0.1:8781",
          metavar="HOST:PORT")
     flag("--metrics-address", "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9781",

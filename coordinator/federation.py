@@ -165,8 +165,9 @@ class Federation:
         self._evaluation_slots: Optional[asyncio.Semaphore] = None
 
     def _client(self, name: str, address: str) -> WorkerClient:
-        return (SecureWorkerClient if self._secure is not None else WorkerClient)(name, address, self.settings.chunk_bytes, credentials=self._credentials,
-                            metadata=self._metadata, telemetry=self.telemetry, run_id=self._run_id)
+        kind = SecureWorkerClient if self._secure is not None else WorkerClient
+        return kind(name, address, self.settings.chunk_bytes, credentials=self._credentials,
+                    metadata=self._metadata, telemetry=self.telemetry, run_id=self._run_id)
 
     async def join(self, name: str, address: str) -> None:
         """A worker found after the start (coordinator.discovery), or one found again at
