@@ -38,6 +38,7 @@ MODES: Dict[str, Tuple[str, str]] = {
     "int8": ("int8", "int8"),
     "int8-channel": ("int8-channel", "int8-channel"),
     "topk10": ("topk:0.1", "topk:0.1"),
+    "topk7": ("topk:0.07", "topk:0.07"),
     "topk5": ("topk:0.05", "topk:0.05"),
     "topk1": ("topk:0.01", "topk:0.01"),
 }
