@@ -21,10 +21,20 @@ from jetfed.stream import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
+# Each stream's HTTP/2 receive window starts at this many bytes (gRPC's default: 64
+# KiB). A model crosses a connection once a round, too rarely for gRPC's bandwidth
+# probing to widen the window, so at 64 KiB a 1 MiB chunk waited for ~16 window
+# updates, a round trip between the two event loops each: 300 zero-compute workers took
+# 9.5 s a round, 4.5 s with this window (bench/fleet_scale.py). A whole chunk message
+# may now be in flight unacknowledged; a receiver holds at most this much per stream
+# that it has not read.
+STREAM_WINDOW_BYTES = MAX_MESSAGE_BYTES
+
 # Headroom over the largest chunk plus its envelope.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
 ]
 # gRPC binds with SO_REUSEPORT by default, so a second process on a taken port binds
 # too and silently takes half the connections. A port is one service's.
