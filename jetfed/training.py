@@ -5,11 +5,12 @@ them from disk see the same batches in the same order for the same seed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -193,9 +194,9 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
     slices = (torch.arange(start, min(start + batch_size, total)) for start in range(0, total, batch_size))
-    with torch.no_grad():
+    with torch.no_grad(), _channels_last(model, data.device) as image_batch:
         for inputs, labels in data.batches(slices):
-            output = model(inputs)
+            output = model(image_batch(inputs))
             loss_sum += loss(output, labels).double() * len(labels)
             predicted = output.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
@@ -212,6 +213,24 @@ def evaluate(
         num_classes=num_classes,
         seconds=time.perf_counter() - started,
     )
+
+
+@contextlib.contextmanager
+def _channels_last(model: nn.Module, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """On a CPU, score image batches (N, C, H, W) in channels-last layout, whose oneDNN
+    convolutions run mnist-cnn's forward pass twice as fast at one thread (10,000 test
+    images: 2.8 s -> 1.35 s), and the evaluator scores 20 models in the reference run
+    beside the workers' training. The model goes back to its own layout afterwards, so
+    training (and its bits) never sees the change; scores may differ from the plain
+    layout's in the last bits of the loss."""
+    if device.type != "cpu":
+        yield lambda batch: batch
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield lambda batch: batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def classification_metrics(matrix: torch.Tensor, loss: float, class_names: Optional[List[str]] = None) -> Dict[str, float]:
