@@ -4,8 +4,10 @@ fails here in a second, before an install on a board finds it."""
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
+from pathlib import Path
 from typing import Dict, Set
 
 from board_imports import (
@@ -40,20 +42,46 @@ def test_every_third_party_import_is_in_a_list() -> None:
     assert not unlisted, "\n".join(unlisted)
 
 
+# Extras that are a feature of a service rather than a command of their own, and the
+# one module of each that imports them, inside functions only: a board without the
+# extra starts and refuses the feature with the install line (DP-SGD without opacus,
+# secure aggregation without cryptography).
+FEATURE_HOMES = {"privacy": {"jetfed/privacy.py"}, "certs": {"jetfed/secagg/keys.py"}}
+
+
+def module_level_imports(path: Path) -> Set[str]:
+    """The absolute imports a file runs when it is imported (not those in functions)."""
+    found: Set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        for inner in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                else ():
+            if isinstance(inner, ast.Import):
+                found.update(alias.name for alias in inner.names)
+            elif isinstance(inner, ast.ImportFrom) and inner.level == 0 and inner.module:
+                found.add(inner.module)
+    return found
+
+
 def test_an_extra_is_imported_only_by_its_own_command() -> None:
-    """Boards install no extras: cryptography may appear only in `jetfed certs`'s module,
-    matplotlib only in `jetfed report`'s, or a service would fail to start there."""
+    """Boards install no extras: cryptography may appear only in `jetfed certs`'s module
+    (and lazily in secure aggregation's keys), matplotlib only in `jetfed report`'s, or a
+    service would fail to start there."""
     commands = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["jetfed.commands"]
     strays = []
     for extra, reqs in extras().items():
         if extra == "torch":
             continue
-        assert extra in commands, f"extra {extra!r} is named for no jetfed command"
-        home = commands[extra].partition(":")[0].replace(".", "/") + ".py"
+        features = FEATURE_HOMES.get(extra, set())
+        assert extra in commands or features, f"extra {extra!r} is named for no jetfed command nor feature"
+        homes = {commands[extra].partition(":")[0].replace(".", "/") + ".py"} if extra in commands else set()
         dists = {normalize(r.name) for r in reqs}
         for module, files in third_party_imports().items():
-            if distribution_of(module) in dists and files != {home}:
-                strays.append(f"{module} ({extra} extra) imported by {sorted(files - {home})}")
+            if distribution_of(module) in dists and not files <= homes | features:
+                strays.append(f"{module} ({extra} extra) imported by {sorted(files - homes - features)}")
+        for home in features:
+            eager = [m for m in module_level_imports(REPO / home) if distribution_of(m) in dists]
+            if eager:
+                strays.append(f"{home} imports {eager} ({extra} extra) when it is imported, not lazily")
     assert not strays, "\n".join(strays)
 
 
