@@ -72,6 +72,7 @@ def test_reference_run_reaches_95_percent(real_mnist: Path, tmp_path: Path) -> N
     assert all(nothing_listens(base + i) for i in range(5)), "a service outlived run-local"
 
 
+@pytest.mark.slow  # ~50 s: run-local started and interrupted; each service's own signal handling is tested alone
 def test_interrupt_stops_every_service(real_mnist: Path, tmp_path: Path) -> None:
     base = free_port_block(5)
     proc = launch(real_mnist, tmp_path, 40, base)

@@ -178,6 +178,7 @@ def test_a_service_failing_after_start_shows_its_log_and_leaves_no_run(tmp_path:
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~22 s: a whole fleet started to see one coordinator error
 def test_a_failing_coordinator_shows_its_error_and_keeps_the_run(tiny_mnist: Path, tmp_path: Path, base: int) -> None:
     out = tmp_path / "run"
     (out / "logs").mkdir(parents=True)

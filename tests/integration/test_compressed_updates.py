@@ -125,6 +125,7 @@ def _refusal(address: str) -> grpc.aio.AioRpcError:
     return refused.value
 
 
+@pytest.mark.slow  # 17 s; jetfed simulate's workers run the same downlink (tests/unit/test_compression.py)
 def test_downlink_deltas_from_what_the_worker_holds(tiny_mnist: Path, tmp_path: Path) -> None:
     """The global model goes as a top-k delta from the one the worker got last round;
     the worker trains from what it rebuilt, and the coordinator adds the change that

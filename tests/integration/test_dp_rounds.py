@@ -36,6 +36,7 @@ def records(out: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~35 s, most of it the workers' first opacus import; tests/unit/test_privacy.py runs DP rounds in process
 def test_dp_sgd_rounds_record_each_workers_epsilon_in_metrics(fleet: Fleet, tmp_path: Path) -> None:
     asyncio.run(run(settings_for(fleet, tmp_path, DP, rounds=2), say=lambda line: None))
     first, second = records(tmp_path)
