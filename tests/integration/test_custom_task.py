@@ -15,6 +15,10 @@ import pytest
 
 from tests.integration.processes import START_TIMEOUT_S, WORKERS, jetfed_command, start, stop, wait_serving
 
+# make test-all: ~43 s of a fleet serving the example task (CI's 20 minutes);
+# tests/unit/test_example_task.py runs in make test.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "custom-task"
 

@@ -25,6 +25,10 @@ from tests.integration.processes import (
     START_TIMEOUT_S, WORKERS, Fleet, Process, jetfed_command, start, stop, wait_serving,
 )
 
+# make test-all: writing MNIST's PNGs and starting their fleet take ~55 s before the
+# first test (CI's 20 minutes); tests/unit/test_image_folder_task.py runs in make test.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = [str(d) for d in range(10)]
 TASK = ["--task", "image-folder", "--model", "mnist-cnn", "--option", "image_size=28", "--option", "channels=1",
