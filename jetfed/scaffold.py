@@ -25,35 +25,24 @@ buffer, so no correction does either.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 import os
-import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from jetfed import codec
-from jetfed.durable import write_atomically
-from jetfed.errors import InvalidConfig, NonFiniteWeights, WorkerStateError
+from jetfed.errors import InvalidConfig
+from jetfed.round_files import STATE_DIR_SETTING, RoundFiles
 from jetfed.status import echo
 
 log = logging.getLogger(__name__)
 
 CONTROL_PREFIX = "control/"
-STATE_DIR_SETTING = "--state-dir"
-# A round run again (its coordinator resumed) needs the c_i of the round before it.
-KEEP_ROUNDS = 2
-_FILE = re.compile(r"scaffold-([0-9a-f]{16})-(\d+)\.safetensors")
 _KIND = "jetfed scaffold client control variate"
 
 StateDict = Dict[str, torch.Tensor]
@@ -177,128 +166,34 @@ def _require_writable(folder: Path) -> None:
 
 class ControlStore:
     """This worker's c_i on its disk, one safetensors file per (run, round) in `folder`
-    (created 0700 on first use), written atomically and never pickled.
-
-    Versioned by round: the c_i a round produced is saved tagged with it, and a round
-    starts from the newest c_i tagged with an earlier one. A coordinator killed during
-    round 4 and resumed runs round 4 again; the round 4 it killed may have saved its c_i
-    already, and the round run again must not start from that one but from round 3's,
-    so the resumed run is the unbroken one bit for bit. Saving round r removes the run's
-    files of later rounds (a timeline abandoned) and all but the newest before r; the
-    files of other runs go too, said in the log: a worker serves one run at a time."""
+    (jetfed.round_files: versioned by round, so a round run again after a coordinator's
+    crash starts from the c_i of the round before it, and a resumed run is the unbroken
+    one bit for bit)."""
 
     def __init__(self, folder: Path, model: str) -> None:
-        self.folder = folder
-        self._model = model
+        self._files = RoundFiles(folder, model, prefix="scaffold", kind=_KIND, noun="control variate",
+                                 owner="SCAFFOLD's control variate", fresh="from zeros")
+
+    @property
+    def folder(self) -> Path:
+        return self._files.folder
 
     def load(self, run_id: str, round_number: int, like: Mapping[str, torch.Tensor]) -> StateDict:
         """The c_i for `round_number` of `run_id`: what the newest earlier round saved,
         else zeros shaped like `like` (the server's c). A file that does not hold a
         control variate of this run and model is refused, naming it."""
-        earlier = [(number, path) for number, path in self._files(run_id) if number < round_number]
-        if not earlier:
+        newest = self._files.newest_before(run_id, round_number)
+        if newest is None:
             log.info("scaffold run=%s round=%d: no control variate from an earlier round here: starting from zeros",
                      echo(run_id) or '""', round_number)
             return {name: torch.zeros_like(tensor, device="cpu") for name, tensor in like.items()}
-        number, path = max(earlier)
-        control = self._read(path, run_id, number)
-        expected = codec.spec_of(like)
-        if codec.spec_of(control) != expected:
-            raise WorkerStateError(f"{STATE_DIR_SETTING}: {path} holds tensors other than this model's control "
-                                   f"variate ({self._model}); delete it to start run {echo(run_id)!r} from zeros")
+        number, path = newest
+        control = self._files.read(path, run_id, number, like)
         log.info("scaffold run=%s round=%d: control variate of round %d", echo(run_id) or '""', round_number, number)
         return control
 
     def save(self, run_id: str, round_number: int, control: Mapping[str, torch.Tensor]) -> Path:
-        """Keep the c_i `round_number` of `run_id` produced (see the class for what goes)."""
-        try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self.folder / f"scaffold-{_run_key(run_id)}-{round_number}.safetensors"
-            metadata = {"kind": _KIND, "run_id": run_id, "round": str(round_number), "model": self._model}
-            tensors = {name: t.detach().to("cpu").contiguous() for name, t in control.items()}
-            write_atomically(path, st_save(tensors, metadata=metadata))
-            self._prune(run_id, round_number)
-        except OSError as exc:
-            raise WorkerStateError(f"{STATE_DIR_SETTING}: cannot keep SCAFFOLD's control variate in {self.folder}: "
-                                   f"{exc}; give {STATE_DIR_SETTING} a folder this user may write") from None
-        return path
-
-    def _prune(self, run_id: str, round_number: int) -> None:
-        own = self._files(run_id)
-        earlier = sorted(number for number, _ in own if number < round_number)
-        keep = set(earlier[-(KEEP_ROUNDS - 1):]) | {round_number}
-        for number, path in own:
-            if number not in keep:
-                path.unlink()
-        key = _run_key(run_id)
-        others: Dict[str, List[int]] = {}
-        for path in sorted(self.folder.glob("scaffold-*.safetensors")):
-            match = _FILE.fullmatch(path.name)
-            if match is None or match.group(1) == key:
-                continue
-            others.setdefault(_stored_run(path), []).append(int(match.group(2)))
-            path.unlink()
-        if others:
-            gone = "; ".join(f"run {echo(run)!r} rounds {sorted(rounds)}" for run, rounds in sorted(others.items()))
-            log.warning("scaffold run=%s: deleted the control variates of other runs in %s: %s", echo(run_id) or '""',
-                        self.folder, gone)
-
-    def _files(self, run_id: str) -> List[Tuple[int, Path]]:
-        if not self.folder.is_dir():
-            return []
-        key = _run_key(run_id)
-        found = []
-        for path in self.folder.glob(f"scaffold-{key}-*.safetensors"):
-            match = _FILE.fullmatch(path.name)
-            if match is not None:
-                found.append((int(match.group(2)), path))
-        return found
-
-    def _read(self, path: Path, run_id: str, round_number: int) -> StateDict:
-        """A saved c_i, read into fresh memory and checked against what its name says."""
-        delete = f"delete it to start run {echo(run_id)!r} from zeros"
-        try:
-            data = path.read_bytes()
-            metadata = _metadata(data)
-            state = st_load(data)
-        except (OSError, SafetensorError, ValueError) as exc:
-            raise WorkerStateError(f"{STATE_DIR_SETTING}: {path} cannot be read as a control variate ({exc}); "
-                                   f"{delete}") from None
-        said = (metadata.get("kind"), metadata.get("run_id"), metadata.get("round"), metadata.get("model"))
-        if said != (_KIND, run_id, str(round_number), self._model):
-            raise WorkerStateError(f"{STATE_DIR_SETTING}: {path} says it is {echo(str(said))}, not the control "
-                                   f"variate of run {echo(run_id)!r} round {round_number} of {self._model}; {delete}")
-        try:
-            codec.require_finite(state, who=str(path))
-        except NonFiniteWeights as exc:
-            raise WorkerStateError(f"{STATE_DIR_SETTING}: {exc}; {delete}") from None
-        return state
+        """Keep the c_i `round_number` of `run_id` produced (jetfed.round_files says what goes)."""
+        return self._files.save(run_id, round_number, control)
 
 
-def _run_key(run_id: str) -> str:
-    """A run id as a file name may hold it: any text becomes 16 hex digits."""
-    return hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:16]
-
-
-def _metadata(data: bytes) -> Dict[str, str]:
-    """A safetensors file's __metadata__: 8 bytes of header length, then the JSON header."""
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        raise ValueError("header longer than the file")
-    header = json.loads(data[8:8 + length])
-    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
-    return metadata if isinstance(metadata, dict) else {}
-
-
-def _stored_run(path: Path) -> str:
-    """The run id a file says it belongs to, for the log; its key if it cannot say."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            (length,) = struct.unpack("<Q", head)
-            return str(_metadata(head + handle.read(min(length, 1 << 20))).get("run_id"))
-    except (OSError, ValueError, struct.error):
-        match = _FILE.fullmatch(path.name)
-        return f"key {match.group(1)}" if match else path.name
