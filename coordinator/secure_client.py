@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from coordinator.clients import Update, Weights, WorkerClient, _border, _send
 from jetfed import codec, wire
@@ -18,6 +18,9 @@ from jetfed.errors import BadStream
 from jetfed.secagg import FixedPoint, proto
 from jetfed.secagg.messages import KeyAdvertisement, KeyShares, MaskedInput, Roster, UnmaskRequest, UnmaskResponse
 from jetfed.v1 import secagg_pb2, worker_pb2
+
+# A parsed setup or unmask reply: each names the worker that sent it.
+_Answer = TypeVar("_Answer", KeyAdvertisement, KeyShares, UnmaskResponse)
 
 # The weights of a masked update: none reach the coordinator.
 MASKED = Weights(codec.Manifest("", (), 0, ""), b"", {})
@@ -44,32 +47,28 @@ class SecureWorkerClient(WorkerClient):
                         timeout: float) -> KeyAdvertisement:
         request = secagg_pb2.SecAggAdvertiseRequest(run_id=self.run_id, encoding=proto.encoding_to_proto(fixed_point),
                                                     rekey=rekey, min_epoch=min_epoch)
-        with _border():
-            reply = await self._stub.SecAggAdvertise(request, timeout=timeout, metadata=self._metadata,
-                                                     wait_for_ready=False)
-            advert = proto.advertisement_from_proto(reply)
-            if advert.worker != self.name:
-                raise BadStream(f"worker {self.name} advertised keys as {advert.worker!r}")
-        return advert
+        return await self._ask(self._stub.SecAggAdvertise, request, proto.advertisement_from_proto,
+                               "advertised keys", timeout)
 
     async def share_keys(self, roster: Roster, timeout: float) -> KeyShares:
         request = secagg_pb2.SecAggShareKeysRequest(roster=proto.roster_to_proto(roster))
-        with _border():
-            reply = await self._stub.SecAggShareKeys(request, timeout=timeout, metadata=self._metadata,
-                                                     wait_for_ready=False)
-            shares = proto.key_shares_from_proto(reply)
-            if shares.worker != self.name:
-                raise BadStream(f"worker {self.name} shared keys as {shares.worker!r}")
-        return shares
+        return await self._ask(self._stub.SecAggShareKeys, request, proto.key_shares_from_proto, "shared keys",
+                               timeout)
 
     async def unmask(self, request: UnmaskRequest, timeout: float) -> UnmaskResponse:
+        return await self._ask(self._stub.SecAggUnmask, proto.unmask_request_to_proto(self.run_id, request),
+                               proto.unmask_response_from_proto, "answered the unmask", timeout)
+
+    async def _ask(self, method: Any, request: Any, parse: Callable[[Any], _Answer], did: str,
+                   timeout: float) -> _Answer:
+        """One secure-aggregation call: its failures typed at the border, its reply
+        parsed, refused (BadStream) when it speaks for another worker than this one."""
         with _border():
-            reply = await self._stub.SecAggUnmask(proto.unmask_request_to_proto(self.run_id, request), timeout=timeout,
-                                                  metadata=self._metadata, wait_for_ready=False)
-            response = proto.unmask_response_from_proto(reply)
-            if response.worker != self.name:
-                raise BadStream(f"worker {self.name} answered the unmask as {response.worker!r}")
-        return response
+            reply = await method(request, timeout=timeout, metadata=self._metadata, wait_for_ready=False)
+            answer = parse(reply)
+            if answer.worker != self.name:
+                raise BadStream(f"worker {self.name} {did} as {answer.worker!r}")
+        return answer
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
         if self._round is None:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from coordinator import screening
 from coordinator.failures import Failure, Kind, describe_failure
@@ -95,18 +95,11 @@ class SecureRounds:
         adverts = await asyncio.gather(*(fed.workers[n].advertise(
             self.fixed_point, rekey=n in self._epochs, min_epoch=self._epochs.get(n, 0) + 1,
             timeout=SETUP_TIMEOUT_S) for n in need), return_exceptions=True)
-        advertised = []
-        for name, advert in zip(need, adverts):
-            if isinstance(advert, BaseException):
-                failures[name] = _reason(advert)
-                continue
-            try:
-                server.receive_advertisement(advert)
-            except SecAggError as exc:
-                failures[name] = f"INVALID: {exc}"
-                continue
-            self._epochs[name] = advert.epoch
-            advertised.append(name)
+        def accept(advert: Any) -> None:
+            server.receive_advertisement(advert)
+            self._epochs[advert.worker] = advert.epoch
+
+        advertised = _received(need, adverts, accept, failures)
         if not advertised:
             return failures
         try:
@@ -115,14 +108,7 @@ class SecureRounds:
             return {**failures, **{n: f"FAILED_PRECONDITION: {exc}" for n in advertised}}
         replies = await asyncio.gather(*(fed.workers[n].share_keys(roster, SETUP_TIMEOUT_S) for n in advertised),
                                        return_exceptions=True)
-        for name, reply in zip(advertised, replies):
-            if isinstance(reply, BaseException):
-                failures[name] = _reason(reply)
-                continue
-            try:
-                server.receive_key_shares(reply)
-            except SecAggError as exc:
-                failures[name] = f"INVALID: {exc}"
+        _received(advertised, replies, server.receive_key_shares, failures)
         if failures:
             log.warning("secagg setup failed: %s", failures)
         log.info("secagg keyed=%s members=%s", ",".join(n for n in advertised if n not in failures),
@@ -249,6 +235,24 @@ class SecureRounds:
     def _settle(fed: "Federation", round_number: int, failures: Dict[str, str], record: Dict[str, Any]) -> None:
         for name, reason in failures.items():
             fed._failed(round_number, name, reason, record)
+
+
+def _received(names: List[str], replies: List[Any], receive: Callable[[Any], None],
+              failures: Dict[str, str]) -> List[str]:
+    """Each setup reply handed to `receive`; a failed call, or a message it refuses,
+    goes into `failures` by name instead. The names whose replies were taken."""
+    taken = []
+    for name, reply in zip(names, replies):
+        if isinstance(reply, BaseException):
+            failures[name] = _reason(reply)
+            continue
+        try:
+            receive(reply)
+        except SecAggError as exc:
+            failures[name] = f"INVALID: {exc}"
+            continue
+        taken.append(name)
+    return taken
 
 
 def _reason(error: BaseException) -> str:
