@@ -85,7 +85,10 @@ def test_a_slowed_worker_reports_and_takes_three_times_the_compute(workers: Tupl
     reported = [seconds for seconds, _ in slow_rounds]
     print(f"plain train_seconds {plain_seconds}; slowed {SLOWDOWN:g}x: reported {reported}, "
           f"call wall {[round(wall, 3) for _, wall in slow_rounds]}")
-    assert min(reported) >= 2.5 * min(plain_seconds)
+    # Across two processes the same compute differs by up to ~20% on a shared 2-core machine
+    # (CI once measured the slowed worker's own compute 0.21 s against plain's 0.26 s); the
+    # exact 3x of its own compute is checked from its log below.
+    assert min(reported) >= 2 * min(plain_seconds)
     for seconds, wall in slow_rounds:
         assert wall >= seconds  # the wait was real, not only reported
     logged = [match for match in EMULATED.findall(slow.output()) if match[0] in ("1", "2")]
