@@ -126,8 +126,14 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--rounds", type=int, help="default: the config's (40)")
     parser.add_argument("--eval-threads", type=int, help="the evaluator's torch threads (default: the launcher's)")
+    parser.add_argument("--device", help="the services' --device (default: theirs, CUDA when available)")
+    parser.add_argument("--threads", type=int, help="each worker's torch threads (default: the launcher's, 1)")
+    parser.add_argument("--model", help="the task's model (default: the config's, mnist-cnn)")
     args = parser.parse_args()
     flags = ["--eval-threads", str(args.eval_threads)] if args.eval_threads else []
+    flags += ["--device", args.device] if args.device else []
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    flags += ["--model", args.model] if args.model else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="jetfed-run-local-") as scratch:
         out = Path(scratch) / "run"
@@ -162,6 +168,10 @@ def main() -> None:
         "evaluation_each_s": [round(s, 2) for s in evaluations],
         "stop_tail_s": finished and round(total - finished, 2),
         "accuracy": final.get("accuracy"),
+        # Where the workers trained (their reported device) and their mean compute a round.
+        "worker_devices": sorted({u.get("device", "?") for r in records for u in r.get("updates", {}).values()}),
+        "worker_train_s_mean": round(sum(train) / len(train), 4) if (train := [
+            u["train_seconds"] for r in records for u in r.get("updates", {}).values() if "train_seconds" in u]) else None,
         "peak_rss_mb": {name: round(mb) for name, mb in sorted(peaks.items())},
     }))
 

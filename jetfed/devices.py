@@ -21,8 +21,19 @@ def resolve_device(choice: str) -> torch.device:
         return torch.device("cpu")
     if choice.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InvalidConfig(f"device: {choice!r} requested but CUDA is not available here")
-        return torch.device(choice)
+            why = "was built without CUDA" if torch.version.cuda is None else "sees no GPU"
+            raise InvalidConfig(f"device: {choice!r} requested but CUDA is not available here (torch "
+                                f"{torch.__version__} {why}): use --device cpu, or auto to take a GPU where "
+                                "there is one")
+        try:
+            device = torch.device(choice)
+        except RuntimeError:
+            raise InvalidConfig(f"device: {choice!r} is not cuda or cuda:N") from None
+        count = torch.cuda.device_count()
+        if device.type != "cuda" or (device.index is not None and device.index >= count):
+            raise InvalidConfig(f"device: {choice!r} names no GPU here: this machine has {count} "
+                                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); use one of those or auto")
+        return device
     raise InvalidConfig(f"device: {choice!r} is not auto, cpu, cuda or cuda:N")
 
 

@@ -60,6 +60,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (3 workers share the cores)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluator")
     parser.add_argument("--model", help="the task's model (default: the config's, else the task's own)")
+    parser.add_argument("--device", help="the workers' and evaluator's --device: auto (their default: CUDA when "
+                        "available), cpu, cuda or cuda:N")
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--tls", action="store_true",
                         help="provision a CA and certificates into OUT/pki and run everything over mutual TLS")
@@ -187,7 +189,8 @@ async def start_services(plan: Plan, fleet: Fleet, logs: Path, pki: Optional[Pat
     """Workers and evaluator, started together and awaited until all serve."""
     args = plan.args
     jetfed = [sys.executable, "-m", "jetfed.cli"]
-    common = ["--no-download", *(["--model", args.model] if args.model else [])]
+    common = ["--no-download", *(["--model", args.model] if args.model else []),
+              *(["--device", args.device] if args.device else [])]
     waits = []
     for worker in plan.workers:
         await fleet.start(worker.name, [
