@@ -14,9 +14,10 @@ DATA_DIR ?= $(or $(JETFED_DATA_DIR),../shared/datasets/mnist)
 DATA := $(abspath $(call home,$(DATA_DIR)))
 CONFIG ?= examples/federation.toml
 OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
-# run-local: ROUNDS, SEED, TLS=1, RESUME=runs/<time>, BASE_PORT, METRICS=HOST:PORT and
-# ARGS="coordinator flags" are optional; the launcher names them in its messages.
-RUN_LOCAL_VARS := DATA_DIR CONFIG ROUNDS SEED OUT TLS RESUME BASE_PORT METRICS ARGS
+# run-local: ROUNDS, SEED, TLS=1, RESUME=runs/<time>, BASE_PORT, METRICS=HOST:PORT,
+# DEVICE=cpu|cuda (the services'; default: CUDA when available) and ARGS="coordinator
+# flags" are optional; the launcher names them in its messages.
+RUN_LOCAL_VARS := DATA_DIR CONFIG ROUNDS SEED OUT TLS RESUME BASE_PORT METRICS DEVICE ARGS
 PYTEST_ARGS ?=
 
 .PHONY: all install proto proto-check test test-all run-local bench bench-strategies clean
@@ -74,6 +75,7 @@ RUN_LOCAL_FLAGS = $(strip --from-make="$(strip $(foreach v,$(RUN_LOCAL_VARS),$(i
 	$(if $(RESUME),--resume $(call home,$(RESUME))) $(if $(or $(call given,OUT),$(if $(RESUME),,1)),--out $(call home,$(OUT))) \
 	$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SEED),--seed $(SEED)) $(if $(TLS),--tls) \
 	$(if $(BASE_PORT),--base-port $(BASE_PORT)) $(if $(METRICS),--metrics-address $(METRICS)) \
+	$(if $(DEVICE),--device $(DEVICE)) \
 	$(if $(ARGS),-- $(ARGS)))
 
 # Ctrl-C stops every service and exits 130; an interrupted run prints its RESUME= command.

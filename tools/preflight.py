@@ -25,6 +25,7 @@ from coordinator.cli import settings_from
 from coordinator.config_file import load_config, service_flags
 from coordinator.settings import RunSettings
 from jetfed.data import how_to_get_mnist, missing_mnist_files, mnist_folders, parse_labels
+from jetfed.devices import resolve_device
 from jetfed.errors import JetfedError
 
 COORDINATOR = "coordinator"
@@ -98,6 +99,15 @@ def check_data(data_dir: Path, wording: Wording, task: str = "mnist") -> None:
                    f" (.gz or unpacked), looked for in {' and '.join(str(f) for f in mnist_folders(data_dir))}")
     raise Refused(f"{problem}. {how_to_get_mnist(data_dir, setting)} run-local never downloads (it passes "
                   "--no-download to the services, so a launcher cannot hang on the network).")
+
+
+def check_device(choice: str, wording: Wording) -> None:
+    """The services' --device, resolved here as each service will: a GPU that is not
+    there is refused before four services load their data to find out."""
+    try:
+        resolve_device(choice, spell=lambda value: wording.setting("DEVICE", "--device", value))
+    except JetfedError as exc:
+        raise Refused(str(exc)) from None
 
 
 def holds_run(folder: Path) -> bool:
@@ -309,6 +319,8 @@ def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
     settings = coordinator_settings(plan.coordinator_argv(None), wording, setters(plan))
     for service in [*workers, evaluator]:
         check_data(Path(service.flag("--data-dir", str(args.data_dir))), wording, service.flag("--task", "mnist"))
+    if args.device:
+        check_device(args.device, wording)
     check_out(plan.out, args.resume is not None, wording)
     check_ports(binds(plan, settings.status_address, settings.metrics_address))
     return plan

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "federation.toml"
 TAIL_LINES = 15
 # The make variables behind each launcher setting, for messages and the resume command.
-MAKE_VARIABLES = ("DATA_DIR", "CONFIG", "ROUNDS", "SEED", "TLS", "BASE_PORT", "METRICS", "ARGS")
+MAKE_VARIABLES = ("DATA_DIR", "CONFIG", "ROUNDS", "SEED", "TLS", "BASE_PORT", "METRICS", "DEVICE", "ARGS")
 
 
 def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
@@ -251,6 +251,7 @@ def resume_command(plan: Plan, argv: List[str]) -> str:
     if plan.wording.from_make:
         values = {"DATA_DIR": args.data_dir, "CONFIG": args.config, "ROUNDS": args.rounds, "SEED": args.seed,
                   "TLS": 1, "BASE_PORT": args.base_port, "METRICS": args.metrics_address,
+                  "DEVICE": args.device,
                   "ARGS": " ".join(shlex.quote(word) for word in plan.extra)}
         given = [name for name in args.from_make.split() if name in MAKE_VARIABLES]
         words = ["make", "run-local", f"RESUME={shlex.quote(str(plan.out))}",

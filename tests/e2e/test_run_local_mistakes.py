@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
+import torch
 
 from tests.conftest import make_tiny_mnist
 from tests.e2e.test_run_local import LAUNCHER, ROOT, free_port_block, nothing_listens
@@ -97,6 +98,21 @@ def test_empty_data_dir_says_where_it_looked(tmp_path: Path, base: int) -> None:
 def test_zero_rounds_is_refused_before_any_service_starts(tiny_mnist: Path, tmp_path: Path, base: int) -> None:
     refused(make(DATA_DIR=str(tiny_mnist), OUT=str(tmp_path / "run"), BASE_PORT=str(base), ROUNDS="0"),
             "rounds: 0 must be an integer in 1..", "(set by ROUNDS=0)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, reason", [
+    ("tpu", "DEVICE=tpu: not one of auto, cpu, cuda or cuda:N"),
+    # Where torch sees a GPU, a 100th is still missing; where it sees none, any is.
+    ("cuda:99", "DEVICE=cuda:99: " + ("this machine has" if torch.cuda.is_available() else
+                                      "CUDA is not available here")),
+])
+def test_a_device_this_machine_lacks_is_refused_in_makes_words(
+    device: str, reason: str, tiny_mnist: Path, tmp_path: Path, base: int,
+) -> None:
+    output = refused(make(DATA_DIR=str(tiny_mnist), OUT=str(tmp_path / "run"), BASE_PORT=str(base), DEVICE=device),
+                     reason, "DEVICE=auto")
+    assert "--device" not in output
     assert not (tmp_path / "run").exists()
 
 

@@ -53,7 +53,8 @@ def test_interrupted_run_resumed_by_its_printed_command_equals_an_uninterrupted_
 ) -> None:
     base = free_port_block(5)
     out = tmp_path / "interrupted"
-    variables = [f"DATA_DIR={real_mnist}", f"OUT={out}", f"ROUNDS={ROUNDS}", f"SEED={SEED}", f"BASE_PORT={base}"]
+    variables = [f"DATA_DIR={real_mnist}", f"OUT={out}", f"ROUNDS={ROUNDS}", f"SEED={SEED}", f"BASE_PORT={base}",
+                 "DEVICE=cpu"]
     lines = interrupt_after([*MAKE, *variables], "Training round 3/")
     output = "\n".join(lines)
     assert "run-local: interrupted; every service stopped" in output
@@ -62,7 +63,7 @@ def test_interrupted_run_resumed_by_its_printed_command_equals_an_uninterrupted_
     assert all(nothing_listens(base + i) for i in range(5)), "a service outlived an interrupted run-local"
     command = resume_command(lines)
     assert command.startswith(f"make run-local RESUME={out} DATA_DIR={real_mnist} ROUNDS={ROUNDS} SEED={SEED} "
-                              f"BASE_PORT={base}"), output
+                              f"BASE_PORT={base} DEVICE=cpu"), output
     assert not (out / "model.safetensors").exists()
 
     resumed = subprocess.run([*MAKE, *shlex.split(command)[2:]], capture_output=True, text=True, timeout=300,

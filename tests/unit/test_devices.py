@@ -20,14 +20,15 @@ def test_cpu_is_the_cpu_and_auto_takes_a_gpu_only_where_there_is_one() -> None:
 
 @pytest.mark.parametrize("choice", ["tpu", "gpu", "CUDA", ""])
 def test_an_unknown_device_is_refused_with_the_choices(choice: str) -> None:
-    with pytest.raises(InvalidConfig, match="is not auto, cpu, cuda or cuda:N"):
+    with pytest.raises(InvalidConfig, match=rf"--device {choice}: not one of auto, cpu, cuda or cuda:N"):
         resolve_device(choice)
 
 
 @pytest.mark.skipif(CUDA, reason="this machine has CUDA")
 @pytest.mark.parametrize("choice", ["cuda", "cuda:0"])
 def test_cuda_without_a_gpu_is_refused_with_the_fix(choice: str) -> None:
-    with pytest.raises(InvalidConfig, match=r"CUDA is not available here .*use --device cpu, or auto"):
+    fix = r"use --device cpu, or --device auto"
+    with pytest.raises(InvalidConfig, match=rf"--device {choice}: CUDA is not available here .*; {fix}"):
         resolve_device(choice)
 
 
@@ -42,7 +43,13 @@ def test_cuda_takes_the_gpu_and_names_it() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_a_gpu_index_past_the_machines_gpus_is_refused() -> None:
     count = torch.cuda.device_count()
-    with pytest.raises(InvalidConfig, match=rf"names no GPU here: this machine has {count}"):
+    with pytest.raises(InvalidConfig, match=rf"--device cuda:{count}: this machine has {count} GPU"):
         resolve_device(f"cuda:{count}")
-    with pytest.raises(InvalidConfig, match="is not cuda or cuda:N"):
+    with pytest.raises(InvalidConfig, match="--device cuda:x: not cuda or cuda:N"):
         resolve_device("cuda:x")
+
+
+def test_a_refusal_spells_the_values_as_the_user_sets_them() -> None:
+    with pytest.raises(InvalidConfig, match="DEVICE=tpu: not one of") as refused:
+        resolve_device("tpu", spell=lambda value: f"DEVICE={value}")
+    assert "--device" not in str(refused.value)
