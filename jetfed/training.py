@@ -10,7 +10,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from jetfed.config import TrainConfig
 from jetfed.data import LabeledImages
 from jetfed.errors import TrainingStopped
+from jetfed.optimizers import SGD, Adam
 from jetfed.scaffold import ControlVariates, Correction, control_names, next_client_control
 from jetfed.tasks.base import Evaluation, Examples, TensorExamples, TrainOutcome
 
@@ -47,10 +48,12 @@ def derive_seed(seed: int, round_number: int, worker: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, model: nn.Module) -> Union[SGD, Adam]:
+    """The round's optimizer over `model`'s parameters: jetfed.optimizers' SGD or Adam,
+    torch.optim's arithmetic without its start-up cost (that module says why)."""
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        return Adam(model.parameters(), lr=config.lr)
+    return SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
 class ProximalTerm:
