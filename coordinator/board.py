@@ -26,6 +26,10 @@ class WorkerView:
     last_train_loss: float = 0.0
     last_base_version: int = 0
     last_staleness: int = 0
+    # DP-SGD: the worker's cumulative epsilon for the run at `delta`, from the last
+    # committed round (or version) it contributed to; 0 without DP.
+    epsilon: float = 0.0
+    delta: float = 0.0
 
 
 @dataclass
@@ -115,6 +119,16 @@ class RunBoard:
     def worker_failed(self, name: str, reason: str) -> None:
         view = self.workers[name]
         view.state, view.failures, view.last_error = FAILED, view.failures + 1, reason
+        self.touch()
+
+    def privacy_spent(self, epsilons: Mapping[str, float], delta: float) -> None:
+        """A committed round's DP-SGD record: each contributor's cumulative epsilon for
+        the run at `delta`, as its accountant reported it. Workers not named keep theirs
+        (an epsilon only grows with the rounds a worker trains)."""
+        for name, epsilon in epsilons.items():
+            view = self.workers.get(name)
+            if view is not None:
+                view.epsilon, view.delta = epsilon, delta
         self.touch()
 
     def end_round(self, seconds: float) -> None:

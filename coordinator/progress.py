@@ -32,13 +32,16 @@ def render(board: RunBoard) -> Any:
     from rich.table import Table
 
     table = Table(title=_title(board), title_justify="left", expand=False)
-    for column in ("worker", "state", "last round", "train s", "loss", "error"):
+    # DP-SGD runs: each worker's cumulative epsilon, once a round has reported one.
+    private = any(view.epsilon for view in board.workers.values())
+    for column in ("worker", "state", "last round", "train s", "loss", *(["epsilon"] if private else []), "error"):
         table.add_column(column)
     for view in board.workers.values():
         style = _STYLES.get(view.state, "")
+        spent = [f"{view.epsilon:.3f}" if view.epsilon else "-"] if private else []
         table.add_row(
             view.name, f"[{style}]{view.state}[/]" if style else view.state, str(view.last_contribution or "-"),
-            f"{view.last_train_seconds:.2f}", f"{view.last_train_loss:.3f}", view.last_error[:60],
+            f"{view.last_train_seconds:.2f}", f"{view.last_train_loss:.3f}", *spent, view.last_error[:60],
         )
     if board.last_evaluation:
         best = next((s for s in board.last_evaluation if s.model == "global"), None)

@@ -27,6 +27,7 @@ def status_message(board: RunBoard) -> pb.RunStatus:
                 consecutive_failures=w.failures, last_error=w.last_error,
                 last_train_seconds=w.last_train_seconds, last_train_loss=w.last_train_loss,
                 last_base_version=w.last_base_version, last_staleness=w.last_staleness,
+                epsilon=w.epsilon, delta=w.delta,
             )
             for w in board.workers.values()
         ],

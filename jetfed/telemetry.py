@@ -128,6 +128,10 @@ class RunTelemetry(Telemetry):
         self._compression_ratio = Gauge(
             "jetfed_compression_ratio", "A worker's last Train: full raw bytes both ways over the bytes that crossed",
             ["worker"], registry=r)
+        self._epsilon = Gauge(
+            "jetfed_dp_epsilon", "DP-SGD: a worker's cumulative epsilon for the run at --dp-delta, as its accountant "
+            "reported it with its last update in a committed round (or version); absent without DP",
+            ["worker"], registry=r)
         self._capped_warned = False
 
     def observe_traffic(self, worker: str, sent: int, received: int, raw_sent: int, raw_received: int) -> None:
@@ -138,6 +142,12 @@ class RunTelemetry(Telemetry):
         self._update_raw_bytes.labels(worker, "received").inc(raw_received)
         if sent + received:
             self._compression_ratio.labels(worker).set((raw_sent + raw_received) / (sent + received))
+
+    def set_epsilon(self, epsilons: Mapping[str, float]) -> None:
+        """A committed round's contributors' cumulative epsilons; the other workers keep
+        theirs (a worker's epsilon only grows with the rounds it trains)."""
+        for worker, epsilon in epsilons.items():
+            self._epsilon.labels(worker).set(epsilon)
 
     def observe_round(self, seconds: float, outcome: str) -> None:
         """`outcome` is one of ROUND_OUTCOMES; anything else is a bug, not a new series."""
