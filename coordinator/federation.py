@@ -90,6 +90,15 @@ def refused_by_another_run(reason: str) -> bool:
     return reason.startswith(f"{RunConflict.code.name}: ") and RunConflict.MARKER in reason
 
 
+def budget_spent(where: str, settings: RunSettings, refusals: Dict[str, str]) -> str:
+    """The line a run stops with when every worker asked refused for its privacy budget
+    (jetfed.privacy.refused_for_budget): the synchronous driver's round and the
+    asynchronous one's version say it alike."""
+    return (f"{where}: every worker asked has spent its privacy budget "
+            f"(--dp-epsilon-budget {settings.train.epsilon_budget:g} at delta {settings.train.dp_delta:g}); "
+            "the run stops here: " + "; ".join(f"{name}: {reason}" for name, reason in refusals.items()))
+
+
 # The weights of an update already folded into the round's step (streaming): its
 # figures stay for the round's record, its tensors are gone.
 _FOLDED = Weights(codec.Manifest("", (), 0, ""), b"", {})
@@ -509,9 +518,7 @@ class Federation:
         refusal names both runs. `failed` is the last attempt's, which asked everyone."""
         settings = self.settings
         if failed and all(privacy.refused_for_budget(reason) for reason in failed.values()):
-            return (f"round {round_number}: every worker asked has spent its privacy budget "
-                    f"(--dp-epsilon-budget {settings.train.epsilon_budget:g} at delta {settings.train.dp_delta:g}); "
-                    "the run stops here: " + "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
+            return budget_spent(f"round {round_number}", settings, failed)
         if failed and all(refused_by_another_run(reason) for reason in failed.values()):
             return (f"round {round_number}: another coordinator is driving these workers, and they refuse this run "
                     f"(run {self._run_id}): " + "; ".join(f"{name}: {reason}" for name, reason in failed.items()))

@@ -159,6 +159,10 @@ def _commit(
                         record, run_id=federation.run_id, strategy=strategy)
     with _writing(metrics.path, f"free space, then --resume takes round {number}'s record from its checkpoint"):
         metrics.write(record)
+    spent = record.get("privacy")
+    if spent:  # DP-SGD, either driver: the contributors' epsilons, as the metrics line has them
+        federation.board.privacy_spent(spent["epsilon"], spent["delta"])
+        federation.telemetry.set_epsilon(spent["epsilon"])
 
 
 async def _rounds(
