@@ -13,7 +13,14 @@ version's record is committed (checkpoint, metrics line) once its evaluation is 
 in version order, while the workers already train on later versions. A resumed run
 starts from the last committed version with an empty buffer (updates in flight when it
 stopped are lost), so unlike a synchronous run it is not bit-identical to an unbroken
-one."""
+one.
+
+DP-SGD (--dp-noise-multiplier) is recorded as in a synchronous round: each version's
+record has every update's (epsilon, delta) and a `privacy` entry with each
+contributor's cumulative epsilon. A worker that refuses for its privacy budget
+(RESOURCE_EXHAUSTED, jetfed.privacy.refused_for_budget) is asked no more: its ledger
+only grows. Once every worker has refused so, the run stops with the synchronous
+driver's line (federation.budget_spent), not after --round-timeout of silence."""
 
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
 from coordinator import screening
 from coordinator.clients import Score, Update, Weights
 from coordinator.failures import describe_failure
-from coordinator.federation import Federation, RunFailed
+from coordinator.federation import Federation, RunFailed, budget_spent
 from coordinator.strategies.base import Contribution
+from jetfed import privacy
 from jetfed.codec import StateDict
 from jetfed.errors import JetfedError
 
@@ -75,6 +83,8 @@ class BufferedDriver:
         self.buffer: List[_Arrival] = []
         self.dropped: Dict[str, str] = {}
         self.failed: Dict[str, str] = {}
+        # Workers that refused for their privacy budget, with their refusal: never asked again.
+        self.spent: Dict[str, str] = {}
         self.dispatched = 0
         self.balance = bool(params["balance"])
         # Each worker's mean seconds per update (dispatch to arrival), for `balance`.
@@ -165,7 +175,7 @@ class BufferedDriver:
         """One worker's loop: train on the newest model, hand the update in, again; after
         a failure wait out the roster's backoff. Ends with the run."""
         federation = self.federation
-        while not self._done.is_set():
+        while not self._done.is_set() and name not in self.spent:
             record = federation.roster.record(name)
             wait = record.retry_at - time.monotonic()
             if wait > 0:
@@ -195,6 +205,9 @@ class BufferedDriver:
             self.failed[name] = reason
             delay = federation.roster.failed(name, reason)
             federation.board.worker_failed(name, reason)
+            if privacy.refused_for_budget(reason):
+                self._out_of_budget(name, reason)
+                return
             log.warning("version=%d worker=%s status=%s retry_in=%.1fs", self.version, name, reason, delay)
             return
         problem = federation.claim_problem(update, config)
@@ -209,6 +222,15 @@ class BufferedDriver:
         federation.board.worker_done(name, self.version, update.train_seconds, update.mean_loss, base,
                                      self.version - base)
         self._arrive(_Arrival(update, base, number))
+
+    def _out_of_budget(self, name: str, reason: str) -> None:
+        """`name` trains no more for this run; when that leaves no worker, the run ends."""
+        self.spent[name] = reason
+        log.warning("version=%d worker=%s has spent its privacy budget; it is asked no more: %s",
+                    self.version, name, reason)
+        if all(worker in self.spent for worker in self.federation.roster.names) and self._crash is None:
+            self._crash = RunFailed(budget_spent(f"version {self.version + 1}", self.settings, dict(self.spent)))
+            self._steps.put_nowait(None)
 
     def _arrive(self, arrival: _Arrival) -> None:
         staleness = self.version - arrival.base_version
@@ -252,10 +274,17 @@ class BufferedDriver:
                 "num_examples": a.update.num_examples, "mean_loss": a.update.mean_loss,
                 "train_seconds": a.update.train_seconds, "device": a.update.device, "delta_norm": norms[i],
                 "pace": paces[i], **a.update.traffic(),
+                **({"epsilon": a.update.epsilon, "delta": a.update.delta} if a.update.epsilon else {}),
             } for i, a in enumerate(arrivals)], [a.update.worker for a in arrivals]),
             "failed": dict(self.failed), "dropped": dict(self.dropped), "clipped": clipped, "late": [],
             "attempts": 1, "skipped": [],
         }
+        if self.settings.train.private:  # as a round's: each contributor's cumulative epsilon after this version
+            spent: Dict[str, float] = {}
+            for a in arrivals:  # a worker with two updates here: the later, larger epsilon
+                spent[a.update.worker] = max(spent.get(a.update.worker, 0.0), a.update.epsilon)
+            record["privacy"] = {"delta": self.settings.train.dp_delta, "epsilon": spent,
+                                 "max_epsilon": max(spent.values())}
         note = federation.strategy.note()
         if note:
             record["strategy"] = note
