@@ -225,4 +225,4 @@ def subset(examples: Examples, keep: torch.Tensor) -> Optional[Examples]:
 
     if not isinstance(examples, TensorExamples):
         return None
-    return TensorExamples(examples.inputs[keep.to(examples.inputs.device)], examples.targets[keep], examples.device)
+    return examples.subset(keep)

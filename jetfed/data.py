@@ -31,6 +31,7 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_DTYPES = {0x08: torch.uint8}
+_READ_STEP = 1 << 20
 # Where the four IDX files come from: the MNIST page, and the mirror torchvision uses.
 MNIST_SOURCES = ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
 
@@ -115,28 +116,39 @@ def load_mnist(data_dir: Path, split: str, download: bool = True) -> LabeledImag
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """Parse an IDX file (the MNIST container): magic, dims, then raw big-endian data."""
+    """Parse an IDX file (the MNIST container): magic, dims, then raw big-endian data.
+    The data is read straight into the one buffer the tensor keeps, in 1 MiB steps: the
+    60,000 training images are 47 MB, and a worker's peak memory at start-up is this
+    file (reading it whole, then slicing off the header, held it three times)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read()
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise DataNotFound(f"{path}: not an IDX file (bad magic)")
+            dtype, ndim = head[2], head[3]
+            if dtype not in _IDX_DTYPES:
+                raise DataNotFound(f"{path}: IDX element type 0x{dtype:02x} is not supported")
+            dims = handle.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DataNotFound(f"{path}: IDX header is cut short ({4 + len(dims)} of {4 + 4 * ndim} bytes)")
+            shape: Tuple[int, ...] = struct.unpack(f">{ndim}I", dims)
+            count = 1
+            for dim in shape:
+                count *= dim
+            data = bytearray(count)
+            view, filled = memoryview(data), 0
+            while filled < count:
+                got = handle.readinto(view[filled:filled + _READ_STEP])
+                if not got:
+                    break
+                filled += got
+            extra = len(handle.read()) if filled == count else 0  # what lies past the promised data
     except (OSError, EOFError) as exc:  # a cut-short download or a mislabelled .gz
         raise DataNotFound(f"{path}: cannot be read ({exc}); copy the file again") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataNotFound(f"{path}: not an IDX file (bad magic)")
-    dtype, ndim = raw[2], raw[3]
-    if dtype not in _IDX_DTYPES:
-        raise DataNotFound(f"{path}: IDX element type 0x{dtype:02x} is not supported")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataNotFound(f"{path}: IDX header is cut short ({len(raw)} of {header} bytes)")
-    shape: Tuple[int, ...] = struct.unpack(f">{ndim}I", raw[4:header])
-    count = 1
-    for dim in shape:
-        count *= dim
-    if len(raw) - header != count:
-        raise DataNotFound(f"{path}: holds {len(raw) - header} bytes of data, its header promises {count}")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+    if filled + extra != count:
+        raise DataNotFound(f"{path}: holds {filled + extra} bytes of data, its header promises {count}")
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape) if count else torch.zeros(shape, dtype=torch.uint8)
 
 
 def mnist_folders(data_dir: Path) -> Tuple[Path, Path]:

@@ -418,9 +418,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def warm_up(self) -> None:
         """Pay torch's first-call costs (kernel selection, allocator growth) at start-up,
-        not in round 1; the weights are overwritten by the first Train anyway."""
+        not in round 1; the weights are overwritten by the first Train anyway. Only the
+        training path: no round waits on this worker's own Evaluate, and warming it took
+        a scoring batch's activations (~50 MB of peak memory for mnist-cnn)."""
         self._task.train(self._model, self._data, TrainConfig(batch_size=32, max_batches=1), seed=0)
-        self._scorer.warm_up()
 
     def _train(
         self, state: codec.StateDict, config: TrainConfig, seed: int, held: Round,

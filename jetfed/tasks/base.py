@@ -80,6 +80,10 @@ class TensorExamples(Examples):
             index = index.to(self.device)
             yield self.inputs[index], self.labels[index]
 
+    def subset(self, keep: torch.Tensor) -> "TensorExamples":
+        """The examples at `keep` (indices or a mask), as the same kind of examples."""
+        return TensorExamples(self.inputs[keep.to(self.inputs.device)], self.targets[keep], self.device)
+
 
 @dataclass(frozen=True)
 class TaskSettings:

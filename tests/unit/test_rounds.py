@@ -13,7 +13,8 @@ from coordinator.federation import describe_failure, refused_by_another_run
 from jetfed.config import TrainConfig, work_limit
 from jetfed.errors import InvalidConfig, ManifestMismatch, RunConflict, TrainingStopped, WorkerBusy
 from jetfed.models import build_model
-from jetfed.training import DeviceData, train_round
+from jetfed.tasks.base import TensorExamples
+from jetfed.training import train_round
 from worker.rounds import MAX_RUN_HOLD_S, RunLedger, TrainingSlot
 
 
@@ -216,7 +217,7 @@ def test_the_coordinator_tells_a_run_conflict_from_other_preconditions():
 
 def test_training_stops_at_the_next_batch_once_told():
     torch.manual_seed(0)
-    data = DeviceData(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), torch.device("cpu"))
+    data = TensorExamples(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), torch.device("cpu"))
     stop = threading.Event()
     stop.set()
     with pytest.raises(TrainingStopped, match="after 0 examples"):

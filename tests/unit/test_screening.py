@@ -11,7 +11,8 @@ import torch
 
 from coordinator import screening
 from jetfed.config import TrainConfig
-from jetfed.training import DeviceData, train_round
+from jetfed.tasks.base import TensorExamples
+from jetfed.training import train_round
 from jetfed.models import build_model
 
 
@@ -20,7 +21,7 @@ from jetfed.models import build_model
 def test_the_bound_is_what_an_honest_worker_trains_on(batches, batch_size, epochs, size):
     config = TrainConfig(batch_size=batch_size, max_batches=batches, epochs=epochs)
     torch.manual_seed(0)
-    data = DeviceData(torch.randn(size, 1, 28, 28), torch.randint(0, 10, (size,)), torch.device("cpu"))
+    data = TensorExamples(torch.randn(size, 1, 28, 28), torch.randint(0, 10, (size,)), torch.device("cpu"))
     honest = train_round(build_model("mnist-cnn"), data, config, seed=1).num_examples
     assert screening.max_examples(config, size) == honest
     assert screening.claim_problem(honest, config, size) is None
