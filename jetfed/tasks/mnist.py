@@ -9,7 +9,7 @@ from typing import List
 import torch
 from torch import nn
 
-from jetfed.data import LabeledImages, format_counts, load_mnist
+from jetfed.data import format_counts, load_mnist
 from jetfed.models import build_model
 from jetfed.partitions import Partition
 from jetfed.tasks.base import Examples, Task
@@ -31,10 +31,8 @@ class MnistTask(Task):
         return build_model(self.model_name, num_classes=len(CLASSES), channels=1, image_size=28)
 
     def load(self, split: str, partition: Partition) -> Examples:
-        images = load_mnist(self.settings.data_dir, split, download=self.settings.download)
-        if not partition.is_everything():
-            keep = partition.indices(images.labels, len(CLASSES))
-            images = LabeledImages(images.images[keep], images.labels[keep])
+        keep = None if partition.is_everything() else lambda labels: partition.indices(labels, len(CLASSES))
+        images = load_mnist(self.settings.data_dir, split, download=self.settings.download, keep=keep)
         return DeviceData.from_images(images, self.settings.device)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tests.conftest import make_tiny_mnist, write_idx
 
-from jetfed.data import LabeledImages, load_mnist, parse_labels, read_idx, resolve_data_dir
+from jetfed.data import LabeledImages, _read_idx, load_mnist, parse_labels, read_idx, resolve_data_dir
 from jetfed.errors import DataNotFound, InvalidConfig
 
 
@@ -174,3 +174,35 @@ def test_real_mnist_test_split(real_mnist):
     test = load_mnist(real_mnist, "test", download=False)
     assert len(test) == 10000
     assert test.images.shape == (10000, 28, 28)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_load_mnist_keeps_only_the_rows_asked_for_with_their_labels(tiny_mnist, tmp_path, compress):
+    whole = load_mnist(tiny_mnist, "train", download=False)
+    asked = []
+
+    def keep(labels):
+        asked.append(labels)
+        return torch.nonzero(labels % 3 == 1).flatten()
+
+    kept = load_mnist(tiny_mnist, "train", download=False, keep=keep)
+    rows = torch.nonzero(whole.labels % 3 == 1).flatten()
+    assert torch.equal(asked[0], whole.labels)
+    assert torch.equal(kept.images, whole.images[rows]) and torch.equal(kept.labels, whole.labels[rows])
+    # Rows across many read blocks (1-byte rows: a block holds 1 MiB of them), first and last included.
+    data = bytes(range(256)) * 9000
+    path = tmp_path / ("rows-idx1-ubyte.gz" if compress else "rows-idx1-ubyte")
+    path.write_bytes(gzip.compress(idx_bytes((len(data),), data)) if compress else idx_bytes((len(data),), data))
+    picked = torch.tensor([0, 5, (1 << 20) - 1, 1 << 20, (1 << 20) + 7, len(data) - 1])
+    values, shape = _read_idx(path, picked)
+    assert shape == (len(data),)
+    assert values.tolist() == [data[i] for i in picked.tolist()]
+
+
+def test_rows_out_of_order_or_range_are_refused(tmp_path):
+    path = tmp_path / "rows-idx1-ubyte"
+    path.write_bytes(idx_bytes((4,), b"abcd"))
+    for rows in ([2, 1], [0, 4], [-1]):
+        with pytest.raises(DataNotFound, match="rows to keep must be ascending indices below 4"):
+            _read_idx(path, torch.tensor(rows))
+    assert _read_idx(path, torch.tensor([1, 3]))[0].tolist() == [ord("b"), ord("d")]
