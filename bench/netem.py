@@ -18,7 +18,9 @@ too, so one mechanism does both. It checks itself before any round: the TCP conn
 time (one RTT) and a 2 MB transfer each way, printed as achieved Mbit/s.
 
 Settings: `loopback` (the coordinator beside the workers on their namespace's lo,
-nothing shaped; run first and last, its mean is the reference), `relay` (through the
+nothing shaped; run before every other setting and after the last: a setting's ratio
+is to the mean of the loopback runs either side of it, so a shared machine's drifting
+load moves both alike), `relay` (through the
 relay, nothing shaped: the relay's own cost), `4g-fp32`, and 4G with each encoding that
 met its accuracy target in bench/bandwidth.py (int8 both ways; top-k 10% both ways;
 top-k 5% up / 10% down). A round's time is metrics.jsonl's `duration_s` less its
@@ -296,6 +298,7 @@ class Bench:
         self.made: List[str] = []
         self.workers: List[subprocess.Popen] = []
         self.relay_process: Optional[subprocess.Popen] = None
+        self.runs = 0
         self.work = Path(tempfile.mkdtemp(prefix="jetfed-netem-"))
 
     def in_ns(self, ns: str, command: Sequence[str], niced: bool = True) -> List[str]:
@@ -351,7 +354,8 @@ class Bench:
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
 
     def federate(self, name: str, ns: str, host: str, up: str, down: str) -> Dict:
-        out = self.work / name.replace("/", "-")
+        self.runs += 1
+        out = self.work / f"{self.runs:02d}-{name.replace('/', '-')}"
         command = [*JETFED, "coordinator", "--rounds", str(self.args.rounds), "--eval-every", str(self.args.rounds),
                    "--seed", str(self.args.seed), "--min-workers", "all", "--round-retries", "0",
                    "--uplink-encoding", up, "--downlink-encoding", down, "--out", str(out),
@@ -365,6 +369,8 @@ class Bench:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rounds = [r for r in records if r.get("updates")]
         seconds = [r["duration_s"] - r.get("eval_s", 0.0) for r in rounds]
+        # The slowest worker's own training time: the part of a round no link changes.
+        compute = [max(u.get("train_seconds", 0.0) for u in r["updates"].values()) for r in rounds]
         down_bytes = [sum(u.get("bytes_sent", 0) for u in r["updates"].values()) for r in rounds]
         up_bytes = [sum(u.get("bytes_received", 0) for u in r["updates"].values()) for r in rounds]
         later = slice(1, None) if len(rounds) > 1 else slice(None)
@@ -372,6 +378,7 @@ class Bench:
                 "round_s": round(statistics.mean(seconds[later]), 3),
                 "round_s_all": round(statistics.mean(seconds), 3),
                 "round_s_each": [round(s, 3) for s in seconds],
+                "train_s_max": round(statistics.mean(compute[later]), 3),
                 "down_bytes_per_round": round(statistics.mean(down_bytes[later])),
                 "up_bytes_per_round": round(statistics.mean(up_bytes[later])),
                 "round1_down_bytes": down_bytes[0], "round1_up_bytes": up_bytes[0],
@@ -433,12 +440,14 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(result), flush=True)
             results.append(result)
 
-        one("loopback", "raw", "raw", None)
-        one("relay-fp32", "raw", "raw", False)
+        # A loopback run before every other setting and one after the last: each setting's
+        # ratio is to the mean of the loopback runs either side of it, so the load of a
+        # shared machine drifting over the bench moves both alike.
         chosen = [s for s in SETTINGS if not args.setting or s[0] in args.setting]
-        for name, up, down in chosen:
-            one(name, up, down, True)
-        one("loopback-again", "raw", "raw", None)
+        for name, up, down, shaped in [("relay-fp32", "raw", "raw", False), *[(*s, True) for s in chosen]]:
+            one("loopback", "raw", "raw", None)
+            one(name, up, down, shaped)
+        one("loopback", "raw", "raw", None)
     except KeyboardInterrupt:
         print("interrupted: deleting the namespaces", flush=True)
     finally:
@@ -450,20 +459,41 @@ def run(args: argparse.Namespace) -> None:
 
 
 def table(results: List[Dict], args: argparse.Namespace) -> None:
-    ok = [r for r in results if "error" not in r]
-    base = [r["round_s"] for r in ok if r["setting"].startswith("loopback")]
-    reference = statistics.mean(base) if base else None
+    def reference(index: int) -> Optional[float]:
+        """The mean round of the loopback runs just before and after results[index]."""
+        around = [r["round_s"] for r in (results[index - 1] if index > 0 else None,
+                                          results[index + 1] if index + 1 < len(results) else None)
+                  if r and "error" not in r and r["setting"] == "loopback"]
+        return statistics.mean(around) if around else None
+
+    loopbacks = [r["round_s"] for r in results if "error" not in r and r["setting"] == "loopback"]
     print(f"\n{args.rounds} rounds each; seconds a round = duration_s less eval_s, mean of rounds 2-{args.rounds} "
-          f"(all rounds in brackets); bytes a round over all three workers, rounds 2-{args.rounds}")
-    print("| setting (up / down) | s a round | vs loopback | bytes down | up | round 1 down |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        if "error" in r:
-            print(f"| {r['setting']} | failed: {r['error'][-1] if r['error'] else ''} | | | | |")
+          f"(all rounds in brackets), against the loopback runs either side; compute = the slowest worker's "
+          f"train_seconds; bytes a round over all three workers, rounds 2-{args.rounds}. Loopback runs: "
+          + ", ".join(f"{s:.2f}" for s in loopbacks) + " s a round")
+    print("| setting (up / down) | s a round | loopback either side | ratio | compute | bytes down | up | round 1 down |")
+    print("|---|---|---|---|---|---|---|---|")
+    for index, r in enumerate(results):
+        if r.get("setting") == "loopback":
             continue
-        ratio = f"{r['round_s'] / reference:.1f}x ({r['round_s_all'] / reference:.1f}x)" if reference else "-"
+        if "error" in r:
+            print(f"| {r['setting']} | failed: {r['error'][-1] if r['error'] else ''} | | | | | | |")
+            continue
+        base = reference(index)
+        ratio = f"{r['round_s'] / base:.1f}x ({r['round_s_all'] / base:.1f}x)" if base else "-"
         print(f"| {r['setting']} ({r['uplink']} / {r['downlink']}) | {r['round_s']:.2f} ({r['round_s_all']:.2f}) "
-              f"| {ratio} | {r['down_bytes_per_round']:,} | {r['up_bytes_per_round']:,} | {r['round1_down_bytes']:,} |")
+              f"| {base:.2f} | {ratio} | {r['train_s_max']:.2f} | {r['down_bytes_per_round']:,} "
+              f"| {r['up_bytes_per_round']:,} | {r['round1_down_bytes']:,} |" if base else
+              f"| {r['setting']} ({r['uplink']} / {r['downlink']}) | {r['round_s']:.2f} | - | - | "
+              f"{r['train_s_max']:.2f} | {r['down_bytes_per_round']:,} | {r['up_bytes_per_round']:,} "
+              f"| {r['round1_down_bytes']:,} |")
+    for index, r in enumerate(results):
+        if r.get("setting") != "loopback" and "error" not in r and reference(index):
+            base = reference(index)
+            print(json.dumps({"setting": r["setting"], "uplink": r["uplink"], "downlink": r["downlink"],
+                              "round_s": r["round_s"], "loopback_round_s": round(base, 3),
+                              "ratio": round(r["round_s"] / base, 2), "ratio_all_rounds": round(r["round_s_all"] / base, 2),
+                              "down_bytes_per_round": r["down_bytes_per_round"], "up_bytes_per_round": r["up_bytes_per_round"]}))
 
 
 def main() -> None:
