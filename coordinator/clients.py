@@ -5,6 +5,7 @@ as a coordinator.failures.Failure."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
@@ -34,6 +35,8 @@ from jetfed.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+
+log = logging.getLogger(__name__)
 
 Metadata = Tuple[Tuple[str, str], ...]
 TRAIN_METHOD = "/jetfed.v1.Worker/Train"
@@ -121,9 +124,9 @@ def downlink_for(weights: Weights, holding: Optional[compression.Held], encoding
                  chunk_bytes: int) -> Downlink:
     """What a Train sends a worker that holds `holding` (None: nothing known): the
     global model whole, or as a delta from `holding` when the run's downlink encoding
-    is not raw and the worker's weights are of the same tensors."""
-    if (encoding.is_raw or holding is None or holding.id == weights.manifest.sha256
-            or codec.spec_of(holding.state) != weights.manifest.tensors):
+    is not raw and the worker's weights are of the same tensors (an empty delta when
+    it holds the global model itself: round 1 after keep_initial, a round that failed)."""
+    if encoding.is_raw or holding is None or codec.spec_of(holding.state) != weights.manifest.tensors:
         return Downlink(weights.manifest, weights.chunks(chunk_bytes), weights.held())
     return weights.delta_from(holding, encoding, chunk_bytes)
 
@@ -345,6 +348,29 @@ class WorkerClient:
             )
             state = codec.decode_finite(manifest, payload, payload.sha256, who=self.name)
         return Weights(manifest, payload, state)
+
+    async def keep_initial(self, seed: int, weights: Weights, timeout: float) -> bool:
+        """Ask the worker to build the initial model for `seed` itself and keep it as the
+        base of its first Train's delta, answering with its manifest alone; True, and
+        round 1 sends it a delta (empty) instead of the whole model, when that manifest
+        is `weights`' own. False, holding nothing, from a worker whose build differs or
+        one older than `keep` (which sends the whole model: the call is cancelled)."""
+        with _border():
+            call = self._stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed, keep=True), timeout=timeout,
+                                             metadata=self._metadata)
+            try:
+                first = await call.read()
+            finally:
+                call.cancel()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "header" or not first.header.kept:
+            return False
+        manifest = wire.manifest_from_proto(first.header.manifest)
+        if manifest.sha256 != weights.manifest.sha256 or manifest.tensors != weights.manifest.tensors:
+            log.info("worker=%s builds other initial weights for seed %d (sha256 %s, the run's %s): its round 1 "
+                     "gets them whole", self.name, seed, manifest.sha256[:16], weights.manifest.sha256[:16])
+            return False
+        self._holding = weights.held()
+        return True
 
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
         """One round on this worker. A delta the worker cannot apply (it restarted, or

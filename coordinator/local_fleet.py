@@ -113,6 +113,15 @@ class LocalWorker:
             state = self._trainer.task.build_model().state_dict()
         return Weights.of(state, self._trainer.task.model_name)
 
+    async def keep_initial(self, seed: int, weights: Weights, timeout: float) -> bool:
+        """As WorkerClient.keep_initial: this worker builds the seeded model itself and,
+        when it is `weights`, round 1 sends it an empty delta."""
+        built = await self._trainer.run(self._initial_weights, seed)
+        if built.manifest.sha256 != weights.manifest.sha256:
+            return False
+        self._holding = weights.held()
+        return True
+
     async def train(self, round_number: int, config: TrainConfig, weights: Weights, timeout: float) -> Update:
         sending = downlink_for(weights, self._holding, self._downlink, DEFAULT_CHUNK_BYTES)
         self._holding = None

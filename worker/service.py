@@ -395,7 +395,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         so it waits for a round in progress rather than racing it."""
         async with rpc_status(context, "InitialWeights"):
             loop = asyncio.get_running_loop()
-            manifest, payload = await loop.run_in_executor(self._executor, self._initial_weights, request.seed)
+            manifest, payload, state = await loop.run_in_executor(self._executor, self._initial_weights, request.seed)
+            if request.keep:
+                # Held as a full Train's weights would be: a first Train may send a delta from them.
+                self._holding = compression.Held(manifest.sha256, state)
+                log.info("initial weights seed=%d model=%s sha256=%s kept as the next delta's base peer=%s",
+                         request.seed, self._model_name, manifest.sha256[:16], context.peer())
+                yield worker_pb2.InitialWeightsResponse(header=worker_pb2.InitialWeightsHeader(
+                    manifest=wire.manifest_to_proto(manifest), kept=True))
+                return
             log.info("initial weights seed=%d model=%s bytes=%d peer=%s", request.seed, self._model_name,
                      manifest.total_bytes, context.peer())
             head = worker_pb2.InitialWeightsResponse(
@@ -406,7 +414,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             ):
                 yield message
 
-    def _initial_weights(self, seed: int) -> Tuple[codec.Manifest, bytes]:
+    def _initial_weights(self, seed: int) -> Tuple[codec.Manifest, bytes, codec.StateDict]:
         """The torch thread's part, as the coordinator once built the start itself
         (`torch.manual_seed(seed)`, then the model, on the CPU): the same seed gives the
         same bytes on every board, CUDA or not. fork_rng puts the CPU generator back
@@ -414,7 +422,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             state = self._task.build_model().state_dict()
-        return codec.encode(state, self._model_name)
+        manifest, payload = codec.encode(state, self._model_name)
+        return manifest, payload, state
 
     def warm_up(self) -> None:
         """Pay torch's first-call costs (kernel selection, allocator growth) at start-up,

@@ -167,3 +167,47 @@ def test_downlink_deltas_from_what_the_worker_holds(tiny_mnist: Path, tmp_path: 
     assert all(torch.equal(sparse.weights.state[n], want[n]) for n in want)
     assert again.bytes_down == second.manifest.total_bytes  # refused as a delta, sent whole
     assert "manifest.base_sha256" in alice.output()
+
+
+def test_a_worker_that_builds_the_seeded_model_itself_gets_round_1_as_an_empty_delta(
+    tiny_mnist: Path, tmp_path: Path,
+) -> None:
+    """InitialWeights with keep: the worker builds the model for the run's seed, keeps
+    it and answers with its manifest alone; round 1 then sends it a delta (empty)
+    instead of the whole model, and it trains from the very same values. A worker
+    whose build differs from the run's keeps nothing: its round 1 goes whole."""
+    config = TrainConfig(lr=0.1, batch_size=16, max_batches=3, seed=7)
+    (alice,) = start_workers(tmp_path, {"alice": tmp_path / "state"}, tiny_mnist)
+
+    async def scenario() -> tuple:
+        client = WorkerClient("alice", alice.address, 256 << 10, run_id=RUN)
+        plain = WorkerClient("alice", alice.address, 256 << 10, run_id=RUN)
+        try:
+            start = await plain.initial_weights(11, MODEL, "", 8 << 20, 60)
+            other = await plain.initial_weights(12, MODEL, "", 8 << 20, 60)
+            for proxy in (client, plain):
+                proxy.expect(MODEL, codec.spec_of(start.state), 8 << 20)
+            client.expect(MODEL, codec.spec_of(start.state), 8 << 20, downlink=compression.Encoding.parse("topk:0.01"))
+            refused = await client.keep_initial(11, other, 60)  # the worker's seed-11 build is not `other`
+            held_after_refusal = client._holding
+            kept = await client.keep_initial(11, start, 60)
+            sparse = await client.train(1, config, start, 60)
+            whole = await plain.train(1, config, start, 60)
+        finally:
+            await client.close()
+            await plain.close()
+        return refused, held_after_refusal, kept, sparse, whole, start
+
+    try:
+        refused, held_after_refusal, kept, sparse, whole, start = asyncio.run(scenario())
+    finally:
+        stopped([alice])
+    assert refused is False and held_after_refusal is None
+    assert kept is True
+    assert whole.bytes_down == start.manifest.total_bytes
+    assert 40 * sparse.bytes_down < start.manifest.total_bytes, sparse.bytes_down
+    # The worker trained from the same values; the coordinator adds its change to the global
+    # model (global + (trained - held)), as after every delta, so only rounding separates them.
+    for name, tensor in whole.weights.state.items():
+        assert torch.allclose(sparse.weights.state[name], tensor, rtol=0, atol=1e-6), name
+    assert "kept as the next delta's base" in alice.output()
