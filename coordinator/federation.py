@@ -299,6 +299,8 @@ class Federation:
                     self.settings.round_timeout)
             except JetfedError as exc:
                 raise RunFailed(str(exc)) from None
+            if not self._downlink.is_raw:
+                source += await self._keep_initial(asked, weights)
         else:
             problem = self._start.problem(fleet)
             if problem:
@@ -310,17 +312,14 @@ class Federation:
         for worker in self.workers.values():
             worker.expect(*self._expected, downlink=self._downlink)
         self._weights = weights
-        if self._start is None and not self._downlink.is_raw:
-            source += await self._keep_initial(weights)
         return source
 
-    async def _keep_initial(self, weights: Weights) -> str:
+    async def _keep_initial(self, asked: List[WorkerClient], weights: Weights) -> str:
         """With a compressed downlink, every answering worker builds the seeded initial
         model itself and keeps it (InitialWeights with keep), so round 1 sends each an
         empty delta instead of the whole model (for mnist-cnn and 40 rounds, a third of
         top-k 10%'s downlink bytes). A worker that cannot (too old, another build, no
         answer) gets the model whole, as before; the words for the start line."""
-        asked = [self.workers[name] for name in self.roster.names if name in self._infos]
         kept = await asyncio.gather(
             *(worker.keep_initial(self.settings.train.seed, weights, self.settings.round_timeout) for worker in asked),
             return_exceptions=True)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import grpc
 import pytest
@@ -53,13 +53,23 @@ async def watch(address: str) -> List[pb.RunStatus]:
         return [m.status async for m in stub.WatchStatus(pb.WatchStatusRequest(), timeout=120)]
 
 
-def watched_run(fleet: Fleet, settings: Any, telemetry: RunTelemetry) -> List[pb.RunStatus]:
+def watched_run(tiny_mnist: Path, tmp_path: Path, *flags: str) -> Tuple[List[pb.RunStatus], RunTelemetry]:
+    """A simulated run with these flags, its status service watched from start to end:
+    every status it sent, and its Prometheus registry."""
+    fleet, trainer, settings = fleet_and_settings(tiny_mnist, tmp_path, *flags,
+                                                  "--status-address", f"127.0.0.1:{free_port()}")
+    telemetry = RunTelemetry()
+
     async def scenario() -> List[pb.RunStatus]:
         runner = asyncio.ensure_future(run(settings, say=lambda line: None, telemetry=telemetry, fleet=fleet))
         watcher = asyncio.ensure_future(watch(settings.status_address))
         await runner
         return await asyncio.wait_for(watcher, 30)
-    return asyncio.run(scenario())
+
+    try:
+        return asyncio.run(scenario()), telemetry
+    finally:
+        trainer.close()
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedbuff"])
@@ -69,14 +79,8 @@ def test_each_workers_epsilon_reaches_the_records_the_status_and_prometheus(
     """Synchronous rounds and asynchronous versions alike: every record has each update's
     (epsilon, delta) and the contributors' cumulative epsilons, growing with the rounds a
     worker trains; the last status and jetfed_dp_epsilon say what the last records say."""
-    fleet, trainer, settings = fleet_and_settings(
-        tiny_mnist, tmp_path, "--strategy", strategy, "--rounds", "3", "--eval-every", "3", *DP_FLAGS,
-        "--status-address", f"127.0.0.1:{free_port()}")
-    telemetry = RunTelemetry()
-    try:
-        seen = watched_run(fleet, settings, telemetry)
-    finally:
-        trainer.close()
+    seen, telemetry = watched_run(tiny_mnist, tmp_path, "--strategy", strategy, "--rounds", "3", "--eval-every", "3",
+                                  *DP_FLAGS)
     recorded = records(tmp_path / "run")
     assert [r["round"] for r in recorded] == [1, 2, 3]
     trained: Dict[str, List[float]] = {name: [] for name in NAMES}
@@ -102,13 +106,7 @@ def test_each_workers_epsilon_reaches_the_records_the_status_and_prometheus(
 
 
 def test_a_run_without_dp_reports_no_epsilon(tiny_mnist: Path, tmp_path: Path) -> None:
-    fleet, trainer, settings = fleet_and_settings(tiny_mnist, tmp_path, "--rounds", "1",
-                                                  "--status-address", f"127.0.0.1:{free_port()}")
-    telemetry = RunTelemetry()
-    try:
-        seen = watched_run(fleet, settings, telemetry)
-    finally:
-        trainer.close()
+    seen, telemetry = watched_run(tiny_mnist, tmp_path, "--rounds", "1")
     assert "privacy" not in records(tmp_path / "run")[0]
     assert all(w.epsilon == 0 and w.delta == 0 for w in seen[-1].workers)
     # The gauge is declared (its HELP in every scrape) but has no worker's sample.
