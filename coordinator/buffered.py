@@ -183,7 +183,11 @@ class BufferedDriver:
                 continue
             if self._slots is not None:
                 async with self._slots:
-                    await self._train_once(name)
+                    try:
+                        await self._train_once(name)
+                    finally:
+                        if federation.beyond_bound:
+                            await federation.workers[name].release()
             else:
                 await self._train_once(name)
 

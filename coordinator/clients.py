@@ -281,6 +281,19 @@ def _border() -> Iterator[None]:
         raise Failure.of_error(error, checked=True) from error
 
 
+class _Connection:
+    """A worker's channel and the calls made on it."""
+
+    def __init__(self, address: str, credentials: Optional[grpc.ChannelCredentials]) -> None:
+        self.channel = _channel(address, credentials)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        # Train as the stub's, but writing the global model's serialized chunks as they are.
+        self.train = self.channel.stream_stream(
+            TRAIN_METHOD, request_serializer=wire.pass_serialized,
+            response_deserializer=worker_pb2.TrainResponse.FromString,
+        )
+
+
 class WorkerClient:
     def __init__(
         self, name: str, address: str, chunk_bytes: int, *,
@@ -302,13 +315,34 @@ class WorkerClient:
         self._telemetry = telemetry or Telemetry()
         self._metadata = metadata
         self._guarded = credentials is not None or bool(metadata)
-        self._channel = _channel(address, credentials)
-        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
-        # Train as the stub's, but writing the global model's serialized chunks as they are.
-        self._train_call = self._channel.stream_stream(
-            TRAIN_METHOD, request_serializer=wire.pass_serialized,
-            response_deserializer=worker_pb2.TrainResponse.FromString,
-        )
+        self._credentials = credentials
+        self._connection: Optional[_Connection] = None
+        self._calls = 0  # in flight: `release` closes only an idle connection
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[_Connection]:
+        """The worker's connection, opened if `release` closed it, for one call (counted)."""
+        if self._connection is None:
+            self._connection = _Connection(self.address, self._credentials)
+        self._calls += 1
+        try:
+            yield self._connection
+        finally:
+            self._calls -= 1
+
+    async def release(self) -> None:
+        """Close the connection if no call is using it; the next call opens another.
+        After a model has crossed it, gRPC keeps about a chunk's worth of read buffers
+        per open connection for as long as it stays open (~1 MiB at 1 MiB chunks:
+        300 connections held 400 MB in a bare grpc.aio client); a round that asks more
+        workers than --max-concurrency closes each one when its call ends, so a fleet of
+        any size costs the bound's connections, at one reconnect (a TCP, and a TLS,
+        handshake) per worker per round."""
+        connection = self._connection
+        if connection is None or self._calls:
+            return
+        self._connection = None
+        await connection.channel.close()
 
     def expect(self, model: str, spec: Tuple[TensorInfo, ...], max_payload_bytes: int,
                downlink: compression.Encoding = compression.RAW_ENCODING) -> None:
@@ -324,8 +358,8 @@ class WorkerClient:
 
     async def info(self, timeout: float, wait: bool = True) -> info_pb2.GetInfoResponse:
         """With `wait`, waits for the worker to come up, within `timeout`."""
-        with _border():
-            return await self._stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=wait)
+        with _border(), self._connected() as connection:
+            return await connection.stub.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=wait)
 
     async def initial_weights(self, seed: int, model: str, digest: str, max_bytes: int, timeout: float) -> Weights:
         """The worker's freshly built model for `seed`, proven to be `model` with the
@@ -339,8 +373,8 @@ class WorkerClient:
                 raise ManifestMismatch(f"initial weights: worker {self.name} sent tensors with digest "
                                        f"{announced[:12]}, but it reports model digest {digest[:12]}")
 
-        with _border():
-            call = self._stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed), timeout=timeout,
+        with _border(), self._connected() as connection:
+            call = connection.stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed), timeout=timeout,
                                              metadata=self._metadata)
             _, manifest, payload = await wire.read_weight_stream(
                 call, "header", max_bytes, check_head=check_header,
@@ -355,8 +389,8 @@ class WorkerClient:
         round 1 sends it a delta (empty) instead of the whole model, when that manifest
         is `weights`' own. False, holding nothing, from a worker whose build differs or
         one older than `keep` (which sends the whole model: the call is cancelled)."""
-        with _border():
-            call = self._stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed, keep=True), timeout=timeout,
+        with _border(), self._connected() as connection:
+            call = connection.stub.InitialWeights(worker_pb2.InitialWeightsRequest(seed=seed, keep=True), timeout=timeout,
                                              metadata=self._metadata)
             try:
                 first = await call.read()
@@ -411,8 +445,8 @@ class WorkerClient:
                                 f"{result.epsilon} at delta {result.delta}, not a positive epsilon at dp_delta "
                                 f"{config.dp_delta:g}: it did not apply DP (a worker older than DP-SGD?); upgrade it")
 
-        with _border():
-            call = self._train_call(timeout=timeout, metadata=self._metadata)
+        with _border(), self._connected() as connection:
+            call = connection.train(timeout=timeout, metadata=self._metadata)
             messages = wire.serialized_messages(head, sending.chunks, self._telemetry.on_bytes_sent("Train"))
             await _send(call, messages, self._guarded)
             result, manifest, payload = await wire.read_weight_stream(
@@ -431,13 +465,15 @@ class WorkerClient:
     async def end_run(self, timeout: float) -> bool:
         """Tell the worker this run has ended, so it serves the next run at once; True if
         it was freed. Never waits for a worker that is down: the run is over."""
-        with _border():
-            reply = await self._stub.EndRun(worker_pb2.EndRunRequest(run_id=self.run_id), timeout=timeout,
+        with _border(), self._connected() as connection:
+            reply = await connection.stub.EndRun(worker_pb2.EndRunRequest(run_id=self.run_id), timeout=timeout,
                                             wait_for_ready=False, metadata=self._metadata)
         return reply.released
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._connection is not None:
+            await self._connection.channel.close()
+            self._connection = None
 
 
 class EvaluatorClient:

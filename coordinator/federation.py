@@ -233,6 +233,15 @@ class Federation:
         for worker in self.workers.values():
             worker.run_id = run_id
 
+    @property
+    def beyond_bound(self) -> bool:
+        """A fleet larger than --max-concurrency keeps no idle connection: a worker's is
+        closed when its call ends (WorkerClient.release), so the open connections, and
+        the read buffers gRPC keeps in each, are bounded like the calls, however many
+        workers there are and however they are sampled."""
+        bound = self.settings.max_concurrency
+        return bool(bound) and len(self.workers) > bound
+
     async def connect(self) -> None:
         """Wait up to --connect-timeout for the fleet, saying at once whom it awaits and,
         while it waits, who has answered. A quorum of workers must answer; the rest are
@@ -269,6 +278,8 @@ class Federation:
             self.say(f"Fleet ready after {time.perf_counter() - started:.2f}s: {answered} of {len(self.workers)} "
                       f"workers{' and the evaluator' if self._evaluator_info is not None else ''}")
         self.say(f"Running {fleet.describe()}; initial weights: {source}")
+        if self.beyond_bound:
+            await asyncio.gather(*(worker.release() for worker in self.workers.values()))
         if self._secure is not None:
             await self._secure.setup(self)
         log.info("fleet %s reference=%s digest=%s initial=%s", fleet.describe(), fleet.reference, fleet.digest,
@@ -462,13 +473,18 @@ class Federation:
 
         async def call(name: str) -> Update:
             """A slot is the call and its update until folded (released below), so the
-            updates decoded and not yet folded never outnumber the bound."""
+            updates decoded and not yet folded never outnumber the bound; beyond the
+            bound, so are the open connections (WorkerClient.release)."""
             await gate.acquire()
             try:
-                return await self.train_on(name, round_number, config, sent)
+                update = await self.train_on(name, round_number, config, sent)
             except BaseException:
                 gate.release()
                 raise
+            finally:
+                if self.beyond_bound:
+                    await self.workers[name].release()
+            return update
 
         def fold(ready: List[Tuple[str, StateDict]]) -> None:
             assert attempt.step is not None

@@ -194,6 +194,9 @@ class LocalWorker:
                                        topk_fraction=encoding.fraction, base_sha256=base_id, base_round=round_number)
         return manifest, payload, encoded.payload
 
+    async def release(self) -> None:
+        """No connection to close: the worker is in this process."""
+
     async def end_run(self, timeout: float) -> bool:
         return True
 
