@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from jetfed import devices, privacy, scaffold, stream
+from jetfed import allocator, devices, privacy, scaffold, stream
 from jetfed.config import DEFAULT_MAX_EXAMPLES_PER_ROUND, WORK_SETTING, work_limit
 from jetfed.partitions import add_partition_arguments, partition_from_flags
 from jetfed.service_cli import (
@@ -86,4 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_service(serve, parse_args(argv))
+    args = parse_args(argv)
+    # Before any thread of the service starts: its turns then share one C heap (jetfed.allocator).
+    allocator.limit_arenas()
+    return run_service(serve, args)
