@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import socket
@@ -115,7 +116,7 @@ def child(argv: List[str]) -> int:
     probe.begin("python")
     probe.end("python")
     probe.begin("torch")
-    import torch  # noqa: F401
+    importlib.import_module("torch")
     probe.end("torch")
     probe.begin("imports")
     import worker.cli as cli
