@@ -20,7 +20,7 @@ from coordinator.federation import RunSummary
 from coordinator.runner import run
 from coordinator.settings import DEFAULT_MAX_NORM_RATIO, DEFAULT_TASK, WEIGHTINGS, RunSettings
 from coordinator.strategies.registry import DEFAULT_STRATEGY, PRESETS, StrategySpec, parse_param_flag
-from jetfed import logs, stream, tls
+from jetfed import allocator, logs, stream, tls
 from jetfed.signals import cancel_on_signals
 from jetfed.auth import add_token_argument, read_token
 from jetfed.config import OPTIMIZERS, TrainConfig
@@ -230,6 +230,8 @@ COORDINATOR_TORCH_THREADS = 1
 
 def main(argv: Optional[List[str]] = None) -> int:
     logs.configure("INFO")
+    # Before gRPC's threads start: they and the event loop then share one C heap (jetfed.allocator).
+    allocator.limit_arenas()
     torch.set_num_threads(COORDINATOR_TORCH_THREADS)
     try:
         values = parse_args(argv)
