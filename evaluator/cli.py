@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from jetfed import devices
+from jetfed import allocator, devices
 from jetfed.partitions import Partition
 from jetfed.service_cli import (
     host_until_signal, max_payload_bytes, run_service, server_security, service_parser, start_telemetry, stream_limit,
@@ -53,4 +53,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_service(serve, parse_args(argv))
+    args = parse_args(argv)
+    # Before any thread of the service starts: one C heap, and each batch's activations
+    # reuse the last one's pages rather than fault fresh ones in (jetfed.allocator).
+    allocator.limit_arenas()
+    allocator.keep_freed_heap()
+    return run_service(serve, args)

@@ -25,7 +25,11 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 ARENA_ENV = "MALLOC_ARENA_MAX"
+HEAP_ENVS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _M_ARENA_MAX = -8  # malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # the most glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 _HEAP_MAX_SIZE = 64 << 20  # glibc's reservation for each arena but the main one (64-bit)
 
 
@@ -53,6 +57,30 @@ def limit_arenas(count: int = 1) -> bool:
         return False
     done = bool(libc.mallopt(_M_ARENA_MAX, count))
     log.debug("malloc arenas limited to %d: %s", count, done)
+    return done
+
+
+def keep_freed_heap(trim_threshold: int = 256 << 20) -> bool:
+    """Keep the memory one scoring pass frees for the next one instead of handing it back
+    to the kernel: allocations up to 32 MiB come from the heap (not a fresh mmap each)
+    and the heap is trimmed only past `trim_threshold` bytes free. Call it with
+    limit_arenas(1), before the threads start: a thread's own arena is deleted whenever
+    it empties, whatever these thresholds say.
+
+    Why: the evaluator scores 10,000 images in batches of 500, and each batch's
+    activations (mnist-cnn: two 23 MB tensors) outgrow glibc's adaptive mmap threshold
+    or its trim threshold, so every batch's pages went back to the kernel and the next
+    batch faulted them in again, zeroed: 215,000 page faults, ~40% of an evaluation's
+    CPU time. The process keeps its high-water mark instead (its peak is unchanged).
+    A MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ the user set wins. True if set."""
+    if any(os.environ.get(name) for name in HEAP_ENVS):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    done = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    log.debug("malloc keeps freed heap up to %d bytes: %s", trim_threshold, done)
     return done
 
 
