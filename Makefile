@@ -20,7 +20,7 @@ OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
 RUN_LOCAL_VARS := DATA_DIR CONFIG ROUNDS SEED OUT TLS RESUME BASE_PORT METRICS DEVICE ARGS
 PYTEST_ARGS ?=
 
-.PHONY: all install proto proto-check test test-all run-local bench bench-strategies clean
+.PHONY: all install proto proto-check lint test test-all run-local bench bench-strategies clean
 
 all: install
 
@@ -59,6 +59,14 @@ $(BUF):
 proto-check: $(BUF)
 	$(BUF) lint
 	$(BUF) breaking --against '.git#ref=$(PROTO_BASE),subdir=protos'
+
+# ruff over all the Python, then mypy on the kernel and the coordinator; the settings
+# (and mypy's file list) are in pyproject.toml.
+LINT_PATHS := jetfed coordinator worker evaluator bench tests tools
+
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy
 
 # `make test` leaves out the tests marked slow (real installs into scratch roots, the
 # longest fleet scenarios), which keeps CI under 20 minutes; `make test-all` runs them too.
