@@ -2,7 +2,11 @@
 (built from the very argv it will get), the MNIST files, the run folder and every port
 the run will bind. Each mistake becomes one `Refused` naming the fix in the words the
 user typed (make variables under make, flags otherwise), in seconds instead of after
-four services have loaded their data."""
+four services have loaded their data.
+
+The checks import torch (the coordinator's settings, the data and device helpers) only
+when they run, so run-local can start its held coordinator (held_coordinator.py) first,
+whose imports then share the wait on the other core."""
 
 from __future__ import annotations
 
@@ -17,16 +21,13 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
-from coordinator.checkpoint import STATE_FILE
-from coordinator.cli import parse_args as coordinator_args
-from coordinator.cli import settings_from
 from coordinator.config_file import load_config, service_flags
-from coordinator.settings import RunSettings
-from jetfed.data import how_to_get_mnist, missing_mnist_files, mnist_folders, parse_labels
-from jetfed.devices import resolve_device
 from jetfed.errors import JetfedError
+
+if TYPE_CHECKING:
+    from coordinator.settings import RunSettings
 
 COORDINATOR = "coordinator"
 
@@ -66,6 +67,9 @@ class Bind:
 def coordinator_settings(argv: List[str], wording: Wording, given: Dict[str, str]) -> RunSettings:
     """The coordinator's own parsing and validation of `argv`; `given` maps a settings
     field to where the user set it (ROUNDS=, ARGS=...), named in the refusal."""
+    from coordinator.cli import parse_args as coordinator_args
+    from coordinator.cli import settings_from
+
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -83,6 +87,8 @@ def check_data(data_dir: Path, wording: Wording, task: str = "mnist") -> None:
     services run with --no-download, so a missing file would otherwise surface as a
     service's exit status after seconds of start-up. Other tasks check their own data
     when they start."""
+    from jetfed.data import how_to_get_mnist, missing_mnist_files, mnist_folders
+
     setting = wording.name("DATA_DIR", "--data-dir")
     if not data_dir.is_dir():
         problem = f"{wording.setting('DATA_DIR', '--data-dir', data_dir)} is not a folder"
@@ -104,6 +110,8 @@ def check_data(data_dir: Path, wording: Wording, task: str = "mnist") -> None:
 def check_device(choice: str, wording: Wording) -> None:
     """The services' --device, resolved here as each service will: a GPU that is not
     there is refused before four services load their data to find out."""
+    from jetfed.devices import resolve_device
+
     try:
         resolve_device(choice, spell=lambda value: wording.setting("DEVICE", "--device", value))
     except JetfedError as exc:
@@ -112,6 +120,8 @@ def check_device(choice: str, wording: Wording) -> None:
 
 def holds_run(folder: Path) -> bool:
     """A checkpoint, metrics or logs: something a run wrote and a new run must not mix with."""
+    from coordinator.checkpoint import STATE_FILE
+
     metrics = folder / "metrics.jsonl"
     return ((folder / "checkpoint" / STATE_FILE).is_file() or (metrics.is_file() and metrics.stat().st_size > 0)
             or (folder / "logs").is_dir() or (folder / "model.safetensors").is_file())
@@ -303,6 +313,8 @@ def make_plan(args: argparse.Namespace, extra: List[str]) -> Plan:
         raise Refused(f"give {wording.name('OUT', '--out')} for a new run or {wording.name('RESUME', '--resume')} "
                       "to continue one (exactly one of them)")
     config = wording.setting("CONFIG", "--config", args.config)
+    from jetfed.data import parse_labels
+
     try:
         workers, evaluator = endpoints(args.config, args.base_port, args.host, args.data_dir)
         for worker in workers:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
 import os
 import shlex
 import shutil
@@ -29,13 +30,13 @@ from typing import List, Optional, Tuple
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.checkpoint import saved_round
 from jetfed.errors import JetfedError
 from jetfed.signals import cancel_on_signals
 from jetfed.tls import channel_credentials
 from preflight import COORDINATOR, Endpoint, Plan, Refused, make_plan, tls_flags
 
 ROOT = Path(__file__).resolve().parent.parent
+HELD_COORDINATOR = Path(__file__).resolve().parent / "held_coordinator.py"
 CONFIG = ROOT / "examples" / "federation.toml"
 TAIL_LINES = 15
 # The make variables behind each launcher setting, for messages and the resume command.
@@ -112,6 +113,26 @@ class Fleet:
         self.services.append(Service(name, proc, log_path, start))
         return proc
 
+    async def release(self, held: Optional[asyncio.subprocess.Process], argv: List[str],
+                      log_path: Path) -> asyncio.subprocess.Process:
+        """The coordinator with `argv`: the held one told to run (its imports done while
+        the services started), or a fresh one if it is gone or cannot be told."""
+        if held is not None and held.returncode is None and held.stdin is not None:
+            with log_path.open("ab") as log_file:
+                start = log_file.tell()
+            order = json.dumps({"log": str(log_path), "argv": argv}) + "\n"
+            try:
+                held.stdin.write(order.encode())
+                await held.stdin.drain()
+                held.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            else:
+                self.services.append(Service(COORDINATOR, held, log_path, start))
+                return held
+        await discard(held)
+        return await self.start(COORDINATOR, [sys.executable, "-m", "jetfed.cli", "coordinator", *argv], log_path)
+
     def exited(self) -> List[Service]:
         """Services that ended on their own with a failure (before being stopped)."""
         return [s for s in self.services if s.proc.returncode not in (None, 0)]
@@ -135,6 +156,26 @@ class Fleet:
 
 class ServiceFailed(Exception):
     """A service ended before serving; the message and its log tail say why."""
+
+
+async def hold_coordinator() -> Optional[asyncio.subprocess.Process]:
+    """A coordinator process that imports what it needs, then waits to be told to run
+    (held_coordinator.py); None where it cannot start (the coordinator then starts
+    after the services, as it would anyway)."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, str(HELD_COORDINATOR), stdin=subprocess.PIPE, stdout=None, stderr=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+    except OSError:
+        return None
+
+
+async def discard(held: Optional[asyncio.subprocess.Process]) -> None:
+    """End a held coordinator that will not run: it has started and written nothing."""
+    if held is not None and held.returncode is None:
+        held.kill()
+        await held.wait()
 
 
 def provision(pki: Path, workers: List[Endpoint], evaluator: Endpoint) -> None:
@@ -207,8 +248,9 @@ async def start_services(plan: Plan, fleet: Fleet, logs: Path, pki: Optional[Pat
     await asyncio.gather(*waits)
 
 
-async def run_fleet(plan: Plan) -> int:
-    """Services, then the coordinator; any failure ends with the reason on the terminal."""
+async def run_fleet(plan: Plan, held: Optional[asyncio.subprocess.Process] = None) -> int:
+    """Services, then the coordinator (`held` if given); any failure ends with the
+    reason on the terminal."""
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     fleet = Fleet()
@@ -220,8 +262,7 @@ async def run_fleet(plan: Plan) -> int:
         await start_services(plan, fleet, logs, pki)
         print(f"run-local: {len(fleet.services)} services SERVING after {time.perf_counter() - started:.1f}s; "
               f"logs in {logs}", flush=True)
-        jetfed = [sys.executable, "-m", "jetfed.cli", "coordinator"]
-        proc = await fleet.start(COORDINATOR, [*jetfed, *plan.coordinator_argv(pki)], logs / "coordinator.log")
+        proc = await fleet.release(held, plan.coordinator_argv(pki), logs / "coordinator.log")
         code = await proc.wait()
         print(f"run-local: finished in {time.perf_counter() - started:.1f}s, coordinator exit status {code}", flush=True)
         for service in fleet.exited():
@@ -233,12 +274,13 @@ async def run_fleet(plan: Plan) -> int:
         return 1
     finally:
         await fleet.stop()
+        await discard(held)
 
 
-async def run_interruptible(plan: Plan) -> int:
+async def run_interruptible(plan: Plan, held: Optional[asyncio.subprocess.Process] = None) -> int:
     """Ctrl-C or SIGTERM cancels the run; run_fleet's cleanup then stops every process."""
     try:
-        return await cancel_on_signals(run_fleet(plan))
+        return await cancel_on_signals(run_fleet(plan, held))
     except asyncio.CancelledError:
         print("run-local: interrupted; every service stopped", file=sys.stderr)
         return 130
@@ -275,9 +317,11 @@ def shown(path: str) -> str:
 def settle(plan: Plan, code: int, argv: List[str], made: bool) -> None:
     """After the run: a folder where no round finished goes (its reason is on the
     terminal already); one with a checkpoint stays, and an unfinished one says how to resume."""
-    done = saved_round(plan.out / "checkpoint")
     if code == 0:
         return
+    from coordinator.checkpoint import saved_round
+
+    done = saved_round(plan.out / "checkpoint")
     if done is None and plan.args.resume is None:
         if made:
             shutil.rmtree(plan.out, ignore_errors=True)
@@ -293,18 +337,29 @@ def settle(plan: Plan, code: int, argv: List[str], made: bool) -> None:
               f"  {resume_command(plan, argv)}", file=sys.stderr)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args, extra = parse_args(argv)
+async def launch(args: argparse.Namespace, extra: List[str], argv: List[str]) -> int:
+    """The checks, then the run. The coordinator process starts first, held: its imports
+    run beside the checks' own, and nothing starts unless every check passes."""
+    held = await hold_coordinator()
     try:
         plan = make_plan(args, extra)
     except Refused as exc:
+        await discard(held)
         print(f"run-local: {exc}", file=sys.stderr)
         return 2
+    except BaseException:
+        await discard(held)
+        raise
     made = not plan.out.exists()
-    code = asyncio.run(run_interruptible(plan))
+    code = await run_interruptible(plan, held)
     settle(plan, code, argv, made)
     return code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parse_args(argv)
+    return asyncio.run(launch(args, extra, argv))
 
 
 if __name__ == "__main__":
