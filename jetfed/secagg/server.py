@@ -254,8 +254,8 @@ class SecAggServer:
         for worker in current.survivors:
             expected = current.commitments[worker]
             seed = self._reconstruct(by_owner.get((worker, SELF_MASK), []), worker, "self-mask seed",
-                                     lambda s, w=worker: commitment(s, run_id=self.run_id,
-                                                                    round_number=round_number, owner=w) == expected)
+                                     lambda s, w=worker, e=expected: commitment(s, run_id=self.run_id,
+                                                                                round_number=round_number, owner=w) == e)
             masking.apply_mask(total, masking.prg(masking.self_mask_key(
                 seed, run_id=self.run_id, round_number=round_number, owner=worker), self.length), -1)
         for lost in current.dropped:

@@ -237,7 +237,7 @@ def test_unmask_responses_from_outside_the_stage_or_twice_are_refused():
                          (dataclasses.replace(first, y=b"\x00" * 3), "66 bytes")):
         with pytest.raises(ProtocolViolation, match=why):
             server.receive_unmask_response(dataclasses.replace(responses["w00"], shares=(changed,)))
-    for worker, response in responses.items():
+    for response in responses.values():
         server.receive_unmask_response(response)
     with pytest.raises(ProtocolViolation, match="twice"):
         server.receive_unmask_response(responses["w00"])

@@ -32,10 +32,10 @@ def setup(tmp_path: Path, fixed_point: FixedPoint, length: int):
     server = SecAggServer(run_id=RUN, threshold=2, fixed_point=fixed_point, length=length)
     workers = {n: SecAggWorker(n, tmp_path / n) for n in NAMES}
     request = secagg_pb2.SecAggAdvertiseRequest(run_id=RUN, encoding=proto.encoding_to_proto(fixed_point))
-    for name, worker in workers.items():
+    for worker in workers.values():
         server.receive_advertisement(proto.advertisement_from_proto(worker.advertise(request)))
     roster = proto.roster_to_proto(server.roster())
-    for name, worker in workers.items():
+    for worker in workers.values():
         reply = worker.share_keys(secagg_pb2.SecAggShareKeysRequest(roster=roster))
         server.receive_key_shares(proto.key_shares_from_proto(reply))
     return server, workers
