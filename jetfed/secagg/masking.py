@@ -22,7 +22,7 @@ def prg(key: bytes, length: int) -> np.ndarray:
     lib = crypto()
     out = np.empty(length, dtype="<u4")
     encryptor = lib.Cipher(lib.algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
-    view = memoryview(out.view(np.uint8))
+    view = memoryview(out.view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs declare __buffer__ for 3.12+ only
     zeros = bytes(min(_CHUNK_BYTES, view.nbytes))
     for start in range(0, view.nbytes, _CHUNK_BYTES):
         size = min(_CHUNK_BYTES, view.nbytes - start)

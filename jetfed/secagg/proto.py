@@ -6,7 +6,7 @@ SecAggClient and SecAggServer."""
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from jetfed.secagg.messages import (MASK_KEY, SELF_MASK, EncryptedShare, KeyAdve
 from jetfed.v1 import secagg_pb2
 
 _KINDS = {MASK_KEY: secagg_pb2.SHARE_KIND_MASK_KEY, SELF_MASK: secagg_pb2.SHARE_KIND_SELF_MASK}
-_KIND_NAMES = {value: name for name, value in _KINDS.items()}
+_KIND_NAMES: Dict[int, str] = {value: name for name, value in _KINDS.items()}
 # Round numbers, epochs and indices travel as uint64 so a wrapped value is refused, not read.
 MAX_NUMBER = 2**32 - 1
 # The masked vector's one tensor in the Train result's payload.
