@@ -146,7 +146,7 @@ class Aggregator(ABC):
     def state_dict(self) -> StateDict:
         return {}
 
-    def load_state_dict(self, tensors: StateDict) -> None:
+    def load_state_dict(self, tensors: StateDict) -> None:  # noqa: B027  (a no-op default: stateless aggregators keep it)
         """Only centered clipping keeps state (its center)."""
 
 

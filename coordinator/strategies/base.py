@@ -128,7 +128,7 @@ class Strategy(ABC):
         """Tensors (server moments, a clipping center) and JSON values the checkpoint keeps."""
         return {}, {}
 
-    def load_state_dict(self, tensors: StateDict, values: Dict[str, Any]) -> None:
+    def load_state_dict(self, tensors: StateDict, values: Dict[str, Any]) -> None:  # noqa: B027  (a no-op default: stateless strategies keep it)
         """Put back what state_dict returned, so --resume continues the same run."""
 
 

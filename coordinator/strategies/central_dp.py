@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -143,11 +143,11 @@ class CentralDP(Aggregator):
                             for i, (z, q, k) in enumerate(tensors["history"].tolist())]
 
 
-def build(values: Dict[str, object], fleet_size: int) -> CentralDP:
+def build(values: Mapping[str, Any], fleet_size: int) -> CentralDP:
     """The aggregator from a strategy's resolved parameters (registry)."""
-    sample = int(values.get("sample", 0) or 0)  # type: ignore[arg-type]
+    sample = int(values.get("sample", 0) or 0)
     expected = min(sample, fleet_size) if sample else fleet_size
-    return CentralDP(float(values["dp_noise"]), float(values["dp_clip"]), float(values["dp_delta"]),  # type: ignore
-                     expected=expected, fleet_size=fleet_size, target_quantile=float(values["dp_quantile"]),  # type: ignore
-                     clip_lr=float(values["dp_clip_lr"]), quantile_noise=float(values["dp_quantile_noise"]))  # type: ignore
+    return CentralDP(float(values["dp_noise"]), float(values["dp_clip"]), float(values["dp_delta"]),
+                     expected=expected, fleet_size=fleet_size, target_quantile=float(values["dp_quantile"]),
+                     clip_lr=float(values["dp_clip_lr"]), quantile_noise=float(values["dp_quantile_noise"]))
 

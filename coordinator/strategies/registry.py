@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 from coordinator.strategies import aggregate, central_dp, server_opt
 from coordinator.strategies.base import Composite
@@ -241,7 +241,7 @@ def _optimizer(values: Mapping[str, Any]) -> server_opt.ServerOptimizer:
         return server_opt.Plain(lr)
     if name == "momentum":
         return server_opt.Momentum(lr, values["momentum"], nesterov=bool(values["nesterov"]))
-    adaptive = {"adam": server_opt.Adam, "yogi": server_opt.Yogi, "adagrad": server_opt.Adagrad}[name]
+    adaptive: Callable[..., server_opt.ServerOptimizer] = {"adam": server_opt.Adam, "yogi": server_opt.Yogi, "adagrad": server_opt.Adagrad}[name]
     return adaptive(lr, values["beta1"], values.get("beta2", 0.0), values["tau"])
 
 
