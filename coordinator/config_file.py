@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from jetfed.errors import InvalidConfig
 
@@ -51,7 +51,7 @@ _EVALUATOR_KEYS = {"name": str, "address": str, "data_dir": str}
 _TASK_KEYS = {"options": dict, "data_dir": str}
 
 
-def _check(where: str, table: Any, allowed: Dict[str, type]) -> Dict[str, Any]:
+def _check(where: str, table: Any, allowed: Mapping[str, type]) -> Dict[str, Any]:
     if not isinstance(table, dict):
         raise InvalidConfig(f"config: [{where}] must be a table")
     for key, value in table.items():

@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from jetfed.errors import JetfedError
 
@@ -40,7 +40,7 @@ class ReportError(JetfedError):
 def parse_groups(text: str) -> List[Group]:
     """`0-3,4-6,7-9` -> [("0-3", (0, 1, 2, 3)), ...]: digits 0-9, each in one group at most."""
     groups: List[Group] = []
-    seen = set()
+    seen: Set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         first, _, last = part.partition("-")
         try:

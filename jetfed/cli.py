@@ -31,7 +31,7 @@ def _commands() -> Dict[str, "metadata.EntryPoint"]:
     if hasattr(found, "select"):
         entries = found.select(group=GROUP)
     else:  # Python 3.8/3.9 return a dict of groups
-        entries = found.get(GROUP, [])
+        entries = found.get(GROUP, [])  # type: ignore[arg-type]  # typeshed describes 3.10+'s EntryPoints, not this dict
     return {entry.name: entry for entry in entries}
 
 
@@ -91,10 +91,11 @@ def usage(commands: Dict[str, "metadata.EntryPoint"]) -> str:
 def _missing_module(exc: BaseException) -> Optional[str]:
     """The module an import failure lacks, following `raise ... from` causes (a command
     may re-raise its own ImportError about an optional package)."""
-    while exc is not None:
-        if isinstance(exc, ModuleNotFoundError) and exc.name:
-            return exc.name
-        exc = exc.__cause__
+    cause: Optional[BaseException] = exc
+    while cause is not None:
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            return cause.name
+        cause = cause.__cause__
     return None
 
 
