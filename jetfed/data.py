@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import io
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, FrozenSet, List, Optional, Tuple
+from typing import Callable, FrozenSet, List, Optional, Set, Tuple
 
 import torch
 
@@ -66,7 +67,7 @@ def parse_labels(spec: str, num_classes: int = NUM_CLASSES) -> FrozenSet[int]:
     """`0-3`, `4,5,6`, `0-3,7` or `all`."""
     if spec.strip() == "all":
         return frozenset(range(num_classes))
-    labels = set()
+    labels: Set[int] = set()
     for part in spec.split(","):
         part = part.strip()
         try:
@@ -164,7 +165,7 @@ def _read_idx(path: Path, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Te
     return kept, shape
 
 
-def _fill(handle: BinaryIO, view: memoryview) -> int:
+def _fill(handle: io.BufferedIOBase, view: memoryview) -> int:
     """Read into `view` until it is full or the file ends; the bytes read."""
     filled = 0
     while filled < len(view):
@@ -176,7 +177,7 @@ def _fill(handle: BinaryIO, view: memoryview) -> int:
 
 
 def _read_rows(
-    handle: BinaryIO, shape: Tuple[int, ...], rows: torch.Tensor, path: Path,
+    handle: io.BufferedIOBase, shape: Tuple[int, ...], rows: torch.Tensor, path: Path,
 ) -> Tuple[torch.Tensor, int]:
     """The `rows` of an IDX body, read block by block; (those rows, the bytes read)."""
     row_bytes = 1

@@ -59,8 +59,9 @@ class LogSoftmaxHead(nn.Module):
 
 def _first_conv(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
     """`conv` rebuilt for `channels` input channels (same kernel, stride and padding)."""
-    return nn.Conv2d(channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
-                     padding=conv.padding, bias=conv.bias is not None)
+    # torch types a conv's kernel_size, stride and padding as any-length tuples; a Conv2d's are pairs
+    return nn.Conv2d(channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,  # type: ignore[arg-type]
+                     padding=conv.padding, bias=conv.bias is not None)  # type: ignore[arg-type]
 
 
 def _resnet18(num_classes: int, channels: int, image_size: int) -> nn.Module:
