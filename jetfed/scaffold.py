@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ class Correction:
         ]
 
     def __call__(self) -> torch.Tensor:
-        return sum((drift * p).sum() for p, drift in self._pairs)
+        return cast(torch.Tensor, sum((drift * p).sum() for p, drift in self._pairs))  # a trained model has parameters
 
 
 def next_client_control(

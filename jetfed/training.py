@@ -10,7 +10,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ class ProximalTerm:
         self._pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
 
     def __call__(self) -> torch.Tensor:
-        drift = sum(((p - start) ** 2).sum() for p, start in self._pairs)
+        drift = cast(torch.Tensor, sum(((p - start) ** 2).sum() for p, start in self._pairs))  # a trained model has parameters
         return self._mu / 2 * drift
 
 
@@ -155,7 +155,7 @@ def train_round(
         for _ in range(config.epochs):
             if dp is None:
                 order = torch.randperm(len(data), generator=order_rng)
-                slices = (order[b * config.batch_size:(b + 1) * config.batch_size] for b in range(batches))
+                slices: Iterator[torch.Tensor] = (order[b * config.batch_size:(b + 1) * config.batch_size] for b in range(batches))
             else:
                 slices = privacy.poisson_batches(len(data), privacy.sample_rate(config, len(data)), batches, generator)
             for inputs, labels in data.batches(slices):

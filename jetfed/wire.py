@@ -4,7 +4,7 @@ header-then-chunks stream discipline shared by every weight-carrying RPC."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -32,7 +32,7 @@ _ENCODINGS = {
 _ENCODING_NAMES = {value: name for name, value in _ENCODINGS.items()}
 _ENCODING_NAMES[weights_pb2.ENCODING_UNSPECIFIED] = compression.RAW
 _CONTENTS = {compression.FULL: weights_pb2.PAYLOAD_CONTENT_FULL, compression.DELTA: weights_pb2.PAYLOAD_CONTENT_DELTA}
-_CONTENT_NAMES = {value: name for name, value in _CONTENTS.items()}
+_CONTENT_NAMES: Dict[int, str] = {value: name for name, value in _CONTENTS.items()}
 _CONTENT_NAMES[weights_pb2.PAYLOAD_CONTENT_UNSPECIFIED] = compression.FULL
 
 
@@ -160,7 +160,7 @@ def weight_messages(
     for offset, data in stream.split(payload, chunk_bytes):
         on_bytes(len(data))
         if wrap_chunk is None:
-            message = type(head)()
+            message: Any = type(head)()  # the header's message type, which has a chunk field
             message.chunk.offset = offset
             message.chunk.data = data
             yield message
@@ -248,6 +248,7 @@ async def _read_weight_stream(
             chunk = message.chunk
             data = chunk.data  # read once: each read of a bytes field copies it
             on_bytes(len(data))
+            assert assembler is not None  # made with the head
             assembler.add(chunk.offset, data)
         else:
             raise BadStream(f"{kind}: only chunks may follow the {head_field}")

@@ -191,7 +191,7 @@ def test_a_serialized_chunk_is_every_weight_stream_s_chunk(message_type):
     payload = bytes(range(200))
     chunks = wire.serialized_chunks(payload, 64)
     assert [size for size, _ in chunks] == [64, 64, 64, 8]
-    for (size, raw), (offset, data) in zip(chunks, stream.split(payload, 64)):
+    for (_, raw), (offset, data) in zip(chunks, stream.split(payload, 64)):
         message = message_type.FromString(raw)
         assert message.WhichOneof("kind") == "chunk"
         assert (message.chunk.offset, message.chunk.data) == (offset, data)
