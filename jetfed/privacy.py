@@ -197,12 +197,12 @@ class PrivateGradients:
         elif self._book is not None:
             summed = self._book.clipped_sum(self._params, config.max_grad_norm)
         else:
-            summed = clipped_sum([p.grad_sample for p in self._params], config.max_grad_norm)
+            summed = clipped_sum([p.grad_sample for p in self._params], config.max_grad_norm)  # type: ignore[attr-defined]  # Opacus's
         noisy = add_noise(summed, config.noise_multiplier, config.max_grad_norm, self._generator)
         for p, g in zip(self._params, noisy):
             p.grad = (g / self._expected).to(p.dtype)
             if self._book is None:
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus's per-sample gradients
 
     def close(self) -> None:
         if self._book is not None:
@@ -280,12 +280,13 @@ class _BookKeeping:
         return out
 
     @staticmethod
-    def _per_example(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+    def _per_example(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Each example's gradient of the layer's parameters, formed: a convolution's
         (small beside a linear layer's) by unfolding its input, or a Linear layer's on
         inputs with more than two dimensions."""
         batch = g.shape[0]
         if isinstance(layer, nn.Conv2d):
+            assert isinstance(layer.padding, tuple)  # `of` keeps only convolutions with numeric padding
             cols = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
             grads = g.reshape(batch, g.shape[1], -1)
             out = [(layer.weight, torch.einsum("bol,bil->boi", grads, cols).reshape(batch, *layer.weight.shape))]
