@@ -17,7 +17,7 @@ from jetfed.config import TrainConfig
 from jetfed.errors import BadStream
 from jetfed.secagg import FixedPoint, proto
 from jetfed.secagg.messages import KeyAdvertisement, KeyShares, MaskedInput, Roster, UnmaskRequest, UnmaskResponse
-from jetfed.v1 import secagg_pb2, worker_pb2
+from jetfed.v1 import secagg_pb2, worker_pb2, worker_pb2_grpc
 
 # A parsed setup or unmask reply: each names the worker that sent it.
 _Answer = TypeVar("_Answer", KeyAdvertisement, KeyShares, UnmaskResponse)
@@ -47,24 +47,25 @@ class SecureWorkerClient(WorkerClient):
                         timeout: float) -> KeyAdvertisement:
         request = secagg_pb2.SecAggAdvertiseRequest(run_id=self.run_id, encoding=proto.encoding_to_proto(fixed_point),
                                                     rekey=rekey, min_epoch=min_epoch)
-        return await self._ask(self._stub.SecAggAdvertise, request, proto.advertisement_from_proto,
+        return await self._ask(lambda stub: stub.SecAggAdvertise, request, proto.advertisement_from_proto,
                                "advertised keys", timeout)
 
     async def share_keys(self, roster: Roster, timeout: float) -> KeyShares:
         request = secagg_pb2.SecAggShareKeysRequest(roster=proto.roster_to_proto(roster))
-        return await self._ask(self._stub.SecAggShareKeys, request, proto.key_shares_from_proto, "shared keys",
+        return await self._ask(lambda stub: stub.SecAggShareKeys, request, proto.key_shares_from_proto, "shared keys",
                                timeout)
 
     async def unmask(self, request: UnmaskRequest, timeout: float) -> UnmaskResponse:
-        return await self._ask(self._stub.SecAggUnmask, proto.unmask_request_to_proto(self.run_id, request),
+        return await self._ask(lambda stub: stub.SecAggUnmask, proto.unmask_request_to_proto(self.run_id, request),
                                proto.unmask_response_from_proto, "answered the unmask", timeout)
 
-    async def _ask(self, method: Any, request: Any, parse: Callable[[Any], _Answer], did: str,
-                   timeout: float) -> _Answer:
-        """One secure-aggregation call: its failures typed at the border, its reply
-        parsed, refused (BadStream) when it speaks for another worker than this one."""
-        with _border():
-            reply = await method(request, timeout=timeout, metadata=self._metadata, wait_for_ready=False)
+    async def _ask(self, method: Callable[[worker_pb2_grpc.WorkerStub], Any], request: Any, parse: Callable[[Any], _Answer],
+                   did: str, timeout: float) -> _Answer:
+        """One secure-aggregation call (`method` picks it from the connection's stub):
+        its failures typed at the border, its reply parsed, refused (BadStream) when it
+        speaks for another worker than this one."""
+        with _border(), self._connected() as connection:
+            reply = await method(connection.stub)(request, timeout=timeout, metadata=self._metadata, wait_for_ready=False)
             answer = parse(reply)
             if answer.worker != self.name:
                 raise BadStream(f"worker {self.name} {did} as {answer.worker!r}")
@@ -102,8 +103,8 @@ class SecureWorkerClient(WorkerClient):
                 raise BadStream(f"result.epsilon: worker {self.name} answered a DP-SGD round without a positive "
                                 f"epsilon at dp_delta {config.dp_delta:g}: it did not apply DP")
 
-        with _border():
-            call = self._train_call(timeout=timeout, metadata=self._metadata)
+        with _border(), self._connected() as connection:
+            call = connection.train(timeout=timeout, metadata=self._metadata)
             messages = wire.serialized_messages(head, sending.chunks, self._telemetry.on_bytes_sent("Train"))
             await _send(call, messages, self._guarded)
             result, manifest, payload = await wire.read_weight_stream(
