@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from coordinator import screening
 from coordinator.failures import Failure, Kind, describe_failure
 from coordinator.clients import Update
+from coordinator.secure_client import MaskedUpdate
 from coordinator.strategies.base import Contribution, Strategy
 from jetfed.codec import StateDict
 from jetfed.errors import JetfedError
@@ -169,6 +170,7 @@ class SecureRounds:
             if problem:
                 failures[name] = problem
                 continue
+            assert isinstance(result, MaskedUpdate) and result.masked is not None  # an armed SecureWorkerClient's
             try:
                 server.receive_masked_input(result.masked)
             except ProtocolViolation as exc:
