@@ -39,9 +39,15 @@ class MnistCNN(nn.Module):
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
-        x = F.relu(self.fc1(x.flatten(1)))
+        # The reference's max_pool(relu(conv)) computed as relu(max_pool(conv)): the same
+        # values and the same gradients, bit for bit (ReLU is monotone and keeps the
+        # pool's winner; where it is <= 0 both give 0 and a zero gradient), with ReLU on
+        # a quarter of the elements and in place (no 23 MB copy per batch of 500). An
+        # in-process evaluation of the 10,000 test images (glibc defaults, as `jetfed
+        # simulate` runs): 2.2-2.3 -> 1.2-1.6 CPU-s at one thread; training unchanged.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2, 2), inplace=True)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2, 2), inplace=True)
+        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
         return F.log_softmax(self.fc2(x), dim=1)
 
 
