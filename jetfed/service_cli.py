@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from concurrent.futures import Executor
-from typing import Awaitable, Callable, List, Optional, Tuple
+from typing import Any, Callable, Coroutine, List, Optional, Tuple
 
 import grpc
 import torch
@@ -166,7 +166,7 @@ async def host_until_signal(
         telemetry.stop_http()
 
 
-def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> int:
+def run_service(serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], args: argparse.Namespace) -> int:
     """Run until a signal stops the service; a start-up fault exits 2 with one clear line.
 
     After a stop the process ends at once: RPCs have had their --grace, training has

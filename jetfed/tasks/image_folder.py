@@ -35,7 +35,7 @@ import logging
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -159,7 +159,7 @@ def follow_owner(worker_id: int) -> None:
     from torch.utils.data import get_worker_info
 
     info = get_worker_info()
-    owner = info.dataset.owner if info is not None else os.getppid()
+    owner = cast(FolderImages, info.dataset).owner if info is not None else os.getppid()  # the loader's dataset
 
     def watch() -> None:
         while True:
@@ -228,8 +228,9 @@ class FolderExamples(Examples):
         decoders once and each loader process is forked from it, sharing those pages:
         measured on MNIST PNGs, 394 MiB RSS (135 MiB PSS) a loader process instead of
         688 (393), started in 4.6 s instead of 8.5 s."""
-        extra = {}
+        extra: Dict[str, Any] = {}
         if self.workers:
+            context: multiprocessing.context.BaseContext
             if "forkserver" in multiprocessing.get_all_start_methods():
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(PRELOAD)  # no effect if a fork server already runs
@@ -308,7 +309,7 @@ class ImageFolderTask(Task):
     def classes(self) -> List[str]:
         if self._classes is None:
             named = self.option_values["classes"]
-            self._classes = list(named) if named is not None else self._folder_classes()  # type: ignore[arg-type]
+            self._classes = list(cast(Tuple[str, ...], named)) if named is not None else self._folder_classes()
         return self._classes
 
     def _folder_classes(self) -> List[str]:

@@ -215,9 +215,9 @@ def test_an_empty_split_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataNotFound, match=f"no images .* in the class folders of {tmp_path}"):
         task(tmp_path).load("train", Partition())
     with pytest.raises(DataNotFound, match="no class folders in"):
-        task(tmp_path / "cat").classes
+        _ = task(tmp_path / "cat").classes
     with pytest.raises(DataNotFound, match="is not a folder"):
-        task(tmp_path / "nowhere").classes
+        _ = task(tmp_path / "nowhere").classes
 
 
 def test_an_unreadable_first_image_is_refused_at_load(tmp_path: Path) -> None:
@@ -264,7 +264,7 @@ def test_the_tool_writes_each_board_as_class_folders_named_by_index(boards: Path
 
     labels = load_mnist(tiny_mnist, "train", download=False).labels
     alice = sorted(p.relative_to(boards / "alice" / "train").as_posix() for p in (boards / "alice").rglob("*.png"))
-    expected = sorted(f"{int(l)}/{i:05d}.png" for i, l in enumerate(labels.tolist()) if l < 4)
+    expected = sorted(f"{int(label)}/{i:05d}.png" for i, label in enumerate(labels.tolist()) if label < 4)
     assert alice == expected
     assert sorted(p.name for p in (boards / "evaluator" / "test").iterdir()) == [str(d) for d in range(10)]
     assert sum(1 for _ in (boards / "evaluator").rglob("*.png")) == 200
