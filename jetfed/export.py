@@ -28,7 +28,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -313,7 +313,8 @@ def check_inputs(task: Task, count: int) -> Tuple[List[torch.Tensor], str]:
 
 def _chunks(items: torch.Tensor) -> List[torch.Tensor]:
     """One item, then batches of CHECK_BATCH: two batch sizes through the same file."""
-    sizes, left = [], len(items)
+    sizes: List[int] = []
+    left = len(items)
     while left > 0:
         sizes.append(1 if not sizes else min(CHECK_BATCH, left))
         left -= sizes[-1]
@@ -330,7 +331,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) 
     TensorRT 8.5 cannot parse. torch 1.13 has only the former."""
     import onnx
 
-    options = dict(
+    options: Dict[str, Any] = dict(
         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset, do_constant_folding=True,
         dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
     )
