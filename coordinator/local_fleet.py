@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -136,7 +136,7 @@ class LocalWorker:
         held = sending.holding.state
         state, server_control = scaffold.split_controls(held) if config.scaffold else (held, None)
         trainer.model.load_state_dict(state)
-        extra = {}
+        extra: Dict[str, Any] = {}  # Task.train's keywords: controls, private_seed
         if server_control is not None:
             extra["controls"] = ControlVariates(server_control, self._client_control(round_number, server_control))
         seed = derive_seed(config.seed, round_number, self.name)
