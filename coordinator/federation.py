@@ -250,9 +250,9 @@ class Federation:
         (a resumed run whose evaluator is down starts at once, not after the timeout):
         training goes on and evaluations are tried on schedule."""
         timeout = self.settings.connect_timeout
-        fleet = ", ".join(f"{name} at {w.address}" for name, w in self.workers.items())
+        awaited = ", ".join(f"{name} at {w.address}" for name, w in self.workers.items())
         evaluator = f"; evaluator at {self.evaluator.address}" if self.evaluator else ""
-        self.say(f"Waiting up to {timeout:.0f}s for {len(self.workers)} workers: {fleet}{evaluator}")
+        self.say(f"Waiting up to {timeout:.0f}s for {len(self.workers)} workers: {awaited}{evaluator}")
         started = time.perf_counter()
         calls = {asyncio.ensure_future(w.info(timeout)): name for name, w in self.workers.items()}
         if self.evaluator:
@@ -630,6 +630,7 @@ class Federation:
                 await asyncio.sleep(pause)
         else:
             raise RunFailed(self._missed_quorum(round_number, len(updates), record["failed"]))
+        clipped: Dict[str, str]
         if self._secure is not None:
             clipped = {}
             new_state = self._secure.step(self.strategy, self.global_weights.state, secure, round_number)
@@ -642,8 +643,8 @@ class Federation:
         else:
             clipped = {u.worker: outcome.clipped[u.worker] for u in updates if u.worker in outcome.clipped}
             new_state = outcome.step.finish()
-        for name, note in clipped.items():
-            log.warning("round=%d worker=%s clipped: %s", round_number, name, note)
+        for name, why in clipped.items():
+            log.warning("round=%d worker=%s clipped: %s", round_number, name, why)
         # Kept for evaluate_round only when it scores them: otherwise a round's updates
         # would stay in memory through the next round.
         self._updates = updates if self._scores_updates(round_number) else []
