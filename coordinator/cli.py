@@ -45,7 +45,7 @@ def parse_min_workers(value: str) -> Union[int, str]:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'all'") from None
 
 
-DEFAULTS = {
+DEFAULTS: Dict[str, Any] = {
     "worker": [], "workers_dns": None, "evaluator": None, "rounds": 40, "eval_every": 10, "task": DEFAULT_TASK, "model": None,
     "init_weights": None,
     "optimizer": TrainConfig.optimizer, "lr": TrainConfig.lr, "lr_decay": 0.98, "lr_min_factor": 0.01,
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag overrides it; the effective defaults live in DEFAULTS and show in --help."""
     p = argparse.ArgumentParser(prog="jetfed coordinator", description=__doc__, argument_default=argparse.SUPPRESS)
 
-    def flag(name: str, help: str = "", **kwargs: object) -> None:
+    def flag(name: str, help: str = "", **kwargs: Any) -> None:  # argparse.add_argument's keywords
         key = name[2:].replace("-", "_")
         shown = f" (default: {DEFAULTS[key]})" if DEFAULTS.get(key) not in (None, [], False) else ""
         p.add_argument(name, help=help + shown, **kwargs)
