@@ -4,7 +4,7 @@ fits under gRPC's per-message limit and a receiver can refuse a stream early."""
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 from jetfed.errors import BadStream, CorruptPayload, InvalidConfig, PayloadTooLarge
 
@@ -28,7 +28,7 @@ def check_chunk_size(chunk_bytes: int) -> int:
     return chunk_bytes
 
 
-def split(payload: bytes, chunk_bytes: int) -> Iterator[Tuple[int, bytes]]:
+def split(payload: Union[bytes, bytearray], chunk_bytes: int) -> Iterator[Tuple[int, bytes]]:
     """(offset, slice) pairs covering the payload; an empty payload yields nothing."""
     view = memoryview(payload)
     for offset in range(0, len(payload), chunk_bytes):

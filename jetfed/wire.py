@@ -4,7 +4,7 @@ header-then-chunks stream discipline shared by every weight-carrying RPC."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from google.protobuf.message import DecodeError
 
@@ -147,7 +147,7 @@ def config_from_proto(message: training_pb2.TrainConfig) -> TrainConfig:
 
 
 def weight_messages(
-    head: M, payload: bytes, chunk_bytes: int, wrap_chunk: Optional[Callable[[weights_pb2.WeightChunk], M]] = None,
+    head: M, payload: Union[bytes, bytearray], chunk_bytes: int, wrap_chunk: Optional[Callable[[weights_pb2.WeightChunk], M]] = None,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Iterator[M]:
     """The header message, then the payload as ordered chunks; `on_bytes` learns each
@@ -172,7 +172,7 @@ def weight_messages(
 SerializedChunks = List[Tuple[int, bytes]]
 
 
-def serialized_chunks(payload: bytes, chunk_bytes: int) -> SerializedChunks:
+def serialized_chunks(payload: Union[bytes, bytearray], chunk_bytes: int) -> SerializedChunks:
     """The payload's chunk messages, serialized once, to be written as they are to any
     number of calls (`pass_serialized`): every weight-carrying message (TrainRequest,
     EvaluateRequest, TrainResponse, InitialWeightsResponse) carries its WeightChunk as
