@@ -21,13 +21,6 @@ from jetfed.errors import BadStream, ManifestMismatch
 from jetfed.serving import CHANNEL_OPTIONS
 from jetfed.telemetry import Telemetry
 
-# A worker that reboots is reconnected within seconds, not after gRPC's default
-# backoff of up to two minutes.
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-]
 from jetfed.v1 import (
     evaluation_pb2,
     evaluator_pb2_grpc,
@@ -37,6 +30,14 @@ from jetfed.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+# A worker that reboots is reconnected within seconds, not after gRPC's default
+# backoff of up to two minutes.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 Metadata = Tuple[Tuple[str, str], ...]
 TRAIN_METHOD = "/jetfed.v1.Worker/Train"
