@@ -58,7 +58,7 @@ def test_interrupted_run_resumed_by_its_printed_command_equals_an_uninterrupted_
     lines = interrupt_after([*MAKE, *variables], "Training round 3/")
     output = "\n".join(lines)
     assert "run-local: interrupted; every service stopped" in output
-    assert f"make: *** [Makefile:" in output, output
+    assert "make: *** [Makefile:" in output, output
     assert "run-local] Interrupt" in output or "run-local] Error 130" in output, output
     assert all(nothing_listens(base + i) for i in range(5)), "a service outlived an interrupted run-local"
     command = resume_command(lines)

@@ -74,12 +74,12 @@ def federate(fleet: Fleet, out: Path, hostile: Dict[str, str], data: Path, max_n
                                     torch.device("cpu"))
 
     async def scenario() -> None:
+        poisoners = [PoisoningWorker(name, poison, sample) for name, poison in hostile.items()]
         servers = [
             await serving.start_server([serving.Service(
-                "jetfed.v1.Worker",
-                lambda s, w=PoisoningWorker(name, poison, sample): worker_pb2_grpc.add_WorkerServicer_to_server(w, s),
+                "jetfed.v1.Worker", lambda s, w=poisoner: worker_pb2_grpc.add_WorkerServicer_to_server(w, s),
             )], "127.0.0.1", 0)
-            for name, poison in hostile.items()
+            for poisoner in poisoners
         ]
         try:
             workers = {name: process.address for name, process in fleet.workers.items()}

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F

@@ -151,7 +151,7 @@ def with_recall(record: Dict[str, Any]) -> Dict[str, Any]:
 
 def regression(record: Dict[str, Any]) -> Dict[str, Any]:
     """The record as a task that does not classify leaves it: no counts, its own metrics."""
-    for name, score_ in (record.get("evaluation") or {}).items():
+    for score_ in (record.get("evaluation") or {}).values():
         error = 10 * (1 - score_["accuracy"])
         score_.update(accuracy=0.0, correct=0, total=0, predicted_counts=[],
                       metrics={"loss": score_["loss"], "mae": error, "rmse": 1.3 * error, "r2": score_["accuracy"]})
