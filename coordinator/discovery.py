@@ -66,7 +66,7 @@ def grpc_probe(chunk_bytes: int, credentials: object, token: Optional[str], time
     """A Probe that asks GetInfo over a channel of its own, with the run's credentials."""
 
     async def probe(address: str) -> str:
-        client = WorkerClient(address, address, chunk_bytes, credentials=credentials,  # type: ignore[arg-type]
+        client = WorkerClient(address, address, chunk_bytes, credentials=credentials,
                               metadata=bearer_metadata(token))
         try:
             info = await client.info(timeout=timeout)

@@ -44,7 +44,7 @@ class LocalTrainer:
         self.spec = codec.spec_of(self.model.state_dict())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulate")
 
-    async def run(self, work, *args):  # type: ignore[no-untyped-def]
+    async def run(self, work, *args):
         """`work(*args)` on the thread. What it raises comes out as a Failure, as from
         the gRPC client: a jetfed error by the status a board would send, any other
         as INTERNAL (coordinator.failures)."""

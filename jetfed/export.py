@@ -252,7 +252,7 @@ def _weights(path: Path, data: bytes, source: str) -> Weights:
     """The file's metadata (the coordinator writes "model" and "round"), read from its
     header alone."""
     try:
-        with safe_open(str(path), framework="pt") as handle:  # type: ignore[no-untyped-call]
+        with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CorruptPayload(f"{path}: not a safetensors file: {exc}") from None
