@@ -64,6 +64,19 @@ def squared_distance(values: torch.Tensor, base: torch.Tensor, scratch: Scratch)
     return total
 
 
+def add_scaled(acc: torch.Tensor, values: torch.Tensor, factor: float, scratch: Scratch) -> None:
+    """acc += values * factor, values widened to float64 first, in place: what
+    `acc += values.to(torch.float64) * factor` gives, bit for bit, without its two
+    float64 temporaries of the tensor's size (resnet18's largest: 19 MB each).
+    `acc` is a contiguous float64 tensor of values' element count."""
+    target, flat = acc.view(-1).numpy(), _flat(values)
+    for start in range(0, target.size, BLOCK):
+        end = min(start + BLOCK, target.size)
+        term = scratch.blocks(end - start)[0]
+        np.multiply(flat[start:end], factor, out=term, dtype=np.float64)
+        np.add(target[start:end], term, out=target[start:end])
+
+
 def two_sum_fold(hi: torch.Tensor, lo: torch.Tensor, values: torch.Tensor, weight: float, scratch: Scratch,
                  *, base: Optional[torch.Tensor] = None, scale: float = 1.0) -> None:
     """hi, lo += term by Knuth's TwoSum, in place, where term is values * weight, or

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from coordinator.blockwise import Scratch, two_sum_fold
+from coordinator.blockwise import Scratch, add_scaled, two_sum_fold
 from jetfed.codec import StateDict
 
 
@@ -20,10 +20,11 @@ def fedavg(states: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
     if total <= 0:
         raise ValueError("fedavg weights must sum to a positive number")
     averaged: StateDict = {}
+    scratch = Scratch(1)
     for name, first in states[0].items():
         acc = torch.zeros(first.shape, dtype=torch.float64)
         for state, weight in zip(states, weights):
-            acc += state[name].to(torch.float64) * (weight / total)
+            add_scaled(acc, state[name], weight / total, scratch)  # acc += state[name].to(float64) * share
         averaged[name] = acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
     return averaged
 

@@ -4,7 +4,7 @@ block edges, for scalars, integer buffers, and deltas from a base."""
 
 import torch
 
-from coordinator.blockwise import BLOCK, Scratch, squared_distance, two_sum_fold
+from coordinator.blockwise import BLOCK, Scratch, add_scaled, squared_distance, two_sum_fold
 
 
 def whole_tensor_fold(hi, lo, values, weight, base=None, scale=1.0):
@@ -52,3 +52,16 @@ def test_squared_distance_matches_the_whole_tensor_sum():
     got = squared_distance(values, base, Scratch(2))
     assert abs(got - expected) <= 1e-12 * expected
     assert squared_distance(values, values.clone(), Scratch(2)) == 0.0
+
+
+def test_add_scaled_is_the_whole_tensor_arithmetic_bit_for_bit():
+    generator = torch.Generator().manual_seed(7)
+    scratch = Scratch(1)
+    for shape in [(), (7,), (BLOCK,), (BLOCK + 1,), (3, BLOCK // 2 + 5)]:
+        acc = torch.randn(shape, generator=generator, dtype=torch.float64) * 1e3
+        values = torch.randn(shape, generator=generator) * 10.0 ** torch.randint(-8, 8, shape, generator=generator)
+        for tensor in (values, values.to(torch.bfloat16), (values * 1e3).to(torch.int64)):
+            expected = acc + tensor.to(torch.float64) * 0.3721
+            got = acc.clone()
+            add_scaled(got, tensor, 0.3721, scratch)
+            assert torch.equal(got, expected), (shape, tensor.dtype)
