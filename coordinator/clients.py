@@ -335,10 +335,10 @@ class WorkerClient:
         """Close the connection if no call is using it; the next call opens another.
         After a model has crossed it, gRPC keeps about a chunk's worth of read buffers
         per open connection for as long as it stays open (~1 MiB at 1 MiB chunks:
-        300 connections held 400 MB in a bare grpc.aio client); a round that asks more
-        workers than --max-concurrency closes each one when its call ends, so a fleet of
-        any size costs the bound's connections, at one reconnect (a TCP, and a TLS,
-        handshake) per worker per round."""
+        300 connections held 400 MB in a bare grpc.aio client); a fleet larger than
+        --max-concurrency closes each worker's when its call ends (Federation.beyond_bound),
+        so a fleet of any size costs the bound's connections, at one reconnect (a TCP, and
+        a TLS, handshake) per worker per round."""
         connection = self._connection
         if connection is None or self._calls:
             return
