@@ -186,8 +186,7 @@ class BufferedDriver:
                     try:
                         await self._train_once(name)
                     finally:
-                        if federation.beyond_bound:
-                            await federation.workers[name].release()
+                        await federation.hang_up(name)
             else:
                 await self._train_once(name)
 

@@ -242,6 +242,11 @@ class Federation:
         bound = self.settings.max_concurrency
         return bool(bound) and len(self.workers) > bound
 
+    async def hang_up(self, name: str) -> None:
+        """After a call to `name`: its connection closed when the fleet is beyond the bound."""
+        if self.beyond_bound:
+            await self.workers[name].release()
+
     async def connect(self) -> None:
         """Wait up to --connect-timeout for the fleet, saying at once whom it awaits and,
         while it waits, who has answered. A quorum of workers must answer; the rest are
@@ -278,8 +283,7 @@ class Federation:
             self.say(f"Fleet ready after {time.perf_counter() - started:.2f}s: {answered} of {len(self.workers)} "
                       f"workers{' and the evaluator' if self._evaluator_info is not None else ''}")
         self.say(f"Running {fleet.describe()}; initial weights: {source}")
-        if self.beyond_bound:
-            await asyncio.gather(*(worker.release() for worker in self.workers.values()))
+        await asyncio.gather(*(self.hang_up(name) for name in self.workers))
         if self._secure is not None:
             await self._secure.setup(self)
         log.info("fleet %s reference=%s digest=%s initial=%s", fleet.describe(), fleet.reference, fleet.digest,
@@ -482,8 +486,7 @@ class Federation:
                 gate.release()
                 raise
             finally:
-                if self.beyond_bound:
-                    await self.workers[name].release()
+                await self.hang_up(name)
             return update
 
         def fold(ready: List[Tuple[str, StateDict]]) -> None:
